@@ -1,0 +1,39 @@
+"""User-facing errors: one clear Chinese line and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """An error the user can fix. The message is one line of Chinese saying what to do."""
+
+    exit_code = 2
+
+
+def fail(message: str) -> None:
+    """Raise a UserError (handy inside expressions / argparse type functions)."""
+    raise UserError(message)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a lesson's main() and turn user errors and Ctrl-C into clean exits.
+
+    Set LLM_COURSE_DEBUG=1 to see the full traceback of a UserError.
+    """
+    try:
+        rc = main()
+    except UserError as e:
+        if os.environ.get("LLM_COURSE_DEBUG"):
+            raise
+        sys.stdout.flush()
+        print(f"\n错误：{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\n已中断（Ctrl-C）。", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `python 01_hello_llm.py | head`
+        sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,246 @@
+"""Load SmolLM2-135M-Instruct from its GGUF file into the plain-torch Llama, and generate with it.
+
+Loading: the GGUF stores quantized matrices (Q4_1/Q8_0); the ``gguf`` package dequantizes them to
+float arrays. That takes ~5 s, so the float32 weights are cached once as a safetensors file in the
+user cache directory (~540 MB) and later loads read that (about a second).
+
+dtype: "fp32" is the reference path the tests compare against. "int8" uses torch's own dynamic
+quantization of the Linear layers (weights int8,
+activations quantized on the fly) — decoding one token is memory-bound, so fewer bytes = faster.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from common.device import get_device
+from common.errors import UserError
+from common.llama import Llama, LlamaConfig
+from common.model_files import find_model_file
+from common.outputs import cache_dir
+from common.sampling import sample_next_token
+from common.tokenizer import ChatTokenizer, load_tokenizer
+
+DTYPES = ("fp32", "int8")  # bf16 was tried: no faster on CPU and greedy output drifted
+
+
+def _gguf_name_to_ours(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "embed.weight"
+    if name == "output_norm.weight":
+        return "norm.weight"
+    if name == "output.weight":  # not present in SmolLM2 (tied), kept for other Llama GGUFs
+        return "lm_head.weight"
+    parts = name.split(".")
+    if parts[0] != "blk":
+        return None
+    i, rest = parts[1], ".".join(parts[2:])
+    table = {
+        "attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "mlp_norm.weight",
+        "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight",
+        "attn_v.weight": "attn.v_proj.weight", "attn_output.weight": "attn.o_proj.weight",
+        "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    }
+    return f"layers.{i}.{table[rest]}" if rest in table else None
+
+
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Read config and dequantized float32 weights from a llama-architecture GGUF file."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    f = reader.fields
+
+    def val(key, default=None):
+        return f[key].contents() if key in f else default
+
+    if val("general.architecture") != "llama":
+        raise UserError(f"{path.name} 不是 llama 架构的 GGUF 文件，本课程的实现只支持 llama。")
+    cfg = LlamaConfig(
+        vocab_size=len(f["tokenizer.ggml.tokens"].data),
+        dim=int(val("llama.embedding_length")),
+        n_layers=int(val("llama.block_count")),
+        n_heads=int(val("llama.attention.head_count")),
+        n_kv_heads=int(val("llama.attention.head_count_kv")),
+        ffn_dim=int(val("llama.feed_forward_length")),
+        rope_base=float(val("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(val("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(val("llama.context_length", 2048)),
+    )
+    weights = {}
+    for t in reader.tensors:
+        ours = _gguf_name_to_ours(t.name)
+        if ours is None:
+            continue
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))      # GGUF lists dims fastest-first
+        weights[ours] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
+    return cfg, weights
+
+
+def _cached_weights(path: Path, verbose: bool) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    st = path.stat()
+    stem = cache_dir("derived") / f"{path.stem}-{st.st_size}-fp32"
+    wfile, cfile = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if wfile.is_file() and cfile.is_file():
+        try:
+            cfg = LlamaConfig(**json.loads(cfile.read_text()))
+            return cfg, load_file(str(wfile))
+        except Exception:  # a damaged cache is rebuilt, never fatal
+            pass
+    if verbose:
+        print("[模型] 首次加载：反量化 GGUF 权重并缓存为 float32（约 5～10 秒，只需一次）...", flush=True)
+    cfg, weights = read_gguf(path)
+    try:
+        tmp = wfile.with_suffix(".tmp")
+        save_file(weights, str(tmp))
+        os.replace(tmp, wfile)
+        cfile.write_text(json.dumps(cfg.__dict__))
+    except OSError as e:  # e.g. disk full: still usable, just slower next time
+        warnings.warn(f"could not cache weights: {e}")
+    return cfg, weights
+
+
+def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtype: str = "fp32") -> Llama:
+    """Create the Llama module without random init (meta device) and assign the weights."""
+    if dtype not in DTYPES:
+        raise UserError(f"未知精度 {dtype!r}：可选 {' / '.join(DTYPES)}。")
+    with torch.device("meta"):
+        model = Llama(cfg)
+    state = dict(weights)
+    state.setdefault("lm_head.weight", state["embed.weight"])
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.embed.weight if "lm_head.weight" not in weights else model.lm_head.weight
+    from common.llama import rope_tables
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+    model.rope_cos, model.rope_sin = cos, sin
+    model.eval().requires_grad_(False)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to(device)
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32 或 bf16。")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def _int8_skeleton(cfg: LlamaConfig) -> Llama:
+    """A Llama whose Linear layers are already dynamic-int8 modules (weights filled in later)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    with torch.device("meta"):
+        model = Llama(cfg)
+
+    def swap(mod: torch.nn.Module) -> None:
+        for name, child in mod.named_children():
+            if isinstance(child, torch.nn.Linear):
+                setattr(mod, name, nnqd.Linear(child.in_features, child.out_features, bias_=False, dtype=torch.qint8))
+            else:
+                swap(child)
+
+    swap(model)
+    return model
+
+
+def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Tensor]) -> Llama:
+    """Quantizing 135 M weights takes seconds; the quantized state dict is cached (~250 MB) instead."""
+    from common.llama import rope_tables
+
+    qfile = cache_dir("derived") / f"{path.stem}-{path.stat().st_size}-int8.pt"
+    if qfile.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(qfile, weights_only=True)
+                model = _int8_skeleton(cfg)
+                model.load_state_dict(state, strict=True, assign=True)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+            model.rope_cos, model.rope_sin = cos, sin
+            return model.eval().requires_grad_(False)
+        except Exception:  # stale or damaged cache: rebuild it
+            pass
+    model = build_model(cfg, weights, torch.device("cpu"), "int8")
+    try:
+        tmp = qfile.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, qfile)
+    except OSError as e:
+        warnings.warn(f"could not cache int8 weights: {e}")
+    return model
+
+
+class LocalModel:
+    """The local model and its tokenizer, plus a generate() helper."""
+
+    def __init__(self, model: Llama, tokenizer: ChatTokenizer, path: Path, device, dtype: str, load_seconds: float):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.load_seconds = load_seconds
+        self.name = f"SmolLM2-135M-Instruct ({dtype}, local)"
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.model.config
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, use_cache: bool = True,
+                 stop_ids: set[int] | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time (autoregressive generation).
+
+        use_cache=False recomputes the whole sequence every step (slow; lesson 02 compares).
+        """
+        stop_ids = self.tokenizer.eos_ids if stop_ids is None else stop_ids
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids = list(prompt_ids)
+        cache = self.model.new_cache(1, len(ids) + max_new_tokens + 1) if use_cache else None
+        inp = torch.tensor([ids], device=self.device)
+        for _ in range(max_new_tokens):
+            logits = self.model(inp, cache=cache)[0, -1]
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator=gen)
+            if nxt in stop_ids:
+                return
+            yield nxt
+            ids.append(nxt)
+            inp = torch.tensor([[nxt]] if use_cache else [ids], device=self.device)
+
+
+_LOADED: dict[tuple, LocalModel] = {}
+
+
+def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = None, device=None,
+                     verbose: bool = True) -> LocalModel:
+    """Load (once per process) SmolLM2-135M-Instruct. dtype default: $LLM_COURSE_DTYPE or fp32."""
+    dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
+    device = get_device() if device is None else torch.device(device)
+    gguf_path = find_model_file(path)
+    key = (str(gguf_path), dtype, str(device))
+    if key in _LOADED:
+        return _LOADED[key]
+    t0 = time.perf_counter()
+    cfg, weights = _cached_weights(gguf_path, verbose)
+    if dtype == "int8" and device.type == "cpu":
+        model = _load_int8_cached(gguf_path, cfg, weights)
+    else:
+        model = build_model(cfg, weights, device, dtype)
+    tok = load_tokenizer(gguf_path)
+    lm = LocalModel(model, tok, gguf_path, device, dtype, time.perf_counter() - t0)
+    _LOADED[key] = lm
+    return lm

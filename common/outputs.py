@@ -1,0 +1,48 @@
+"""Where lessons write their plots and results.json (outputs/<script name>/, git-ignored)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def output_dir(name: str) -> Path:
+    """Return outputs/<name>/ (created). LLM_COURSE_OUTPUTS overrides the outputs root (tests use it)."""
+    root = Path(os.environ.get("LLM_COURSE_OUTPUTS") or REPO_ROOT / "outputs")
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Write outputs/<name>/results.json atomically and return its path."""
+    path = output_dir(name) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=_to_jsonable), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _to_jsonable(obj):
+    # numpy / torch scalars and arrays, Paths
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def cache_dir(*parts: str) -> Path:
+    """The user cache directory for downloaded/derived files: $LLM_COURSE_CACHE or ~/.cache/llm-course."""
+    base = os.environ.get("LLM_COURSE_CACHE")
+    if base:
+        root = Path(base).expanduser()
+    elif os.name == "nt":
+        root = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llm-course"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-course"
+    d = root.joinpath(*parts)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
