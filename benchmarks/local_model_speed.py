@@ -55,6 +55,15 @@ def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
     nocache_tps = (len(stamps2) - 1) / (stamps2[-1] - stamps2[0])
     cached_tps_same_n = (n2 - 1) / (stamps[n2 - 1] - stamps[0])
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # quality vs the fp32 reference on the same prompt: mean KL(fp32 || this) over positions, top-1 agreement
+    kl = top1 = None
+    if dtype != "fp32":
+        ref = load_local_model(dtype="fp32", device="cpu", verbose=False)
+        x = torch.tensor([ids + cached_tokens])
+        with torch.no_grad():
+            a, b = ref.model(x)[0], lm.model(x)[0]
+        kl = round(torch.sum(a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1)), -1).mean().item(), 4)
+        top1 = round((a.argmax(-1) == b.argmax(-1)).float().mean().item(), 3)
     return {
         "dtype": dtype, "threads": threads, "torch": torch.__version__,
         "load_s": round(load_s, 3), "prompt_tokens": len(ids), "ttft_s": round(ttft, 4),
@@ -63,6 +72,7 @@ def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
         "cache_speedup_same_length": round(cached_tps_same_n / nocache_tps, 2),
         "tokens_identical_with_without_cache": cached_tokens[:n2] == nocache_tokens_out,
         "peak_rss_mb": round(rss_kb / 1024, 1),
+        "kl_vs_fp32": kl, "top1_agree_vs_fp32": top1,
     }
 
 
@@ -96,7 +106,7 @@ def main() -> int:
             return 1
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     cols = ["dtype", "load_s", "ttft_s", "decode_tokens_per_s", "nocache_tokens_per_s", "cache_speedup_same_length",
-            "tokens_identical_with_without_cache", "peak_rss_mb"]
+            "tokens_identical_with_without_cache", "peak_rss_mb", "kl_vs_fp32", "top1_agree_vs_fp32"]
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch threads {rows[0]['threads']}, "
           f"load average at start {load}")
     print(f"prompt {rows[0]['prompt_tokens']} tokens; decode measured over {args.new_tokens} new tokens, "

@@ -79,7 +79,8 @@ def explain_api_error(e: Exception, base_url: str, model: str, key: str | None) 
     elif isinstance(e, openai.BadRequestError):
         msg = f"请求被服务器拒绝（400）：{_redact(str(getattr(e, 'message', e)), key)[:160]}"
     elif isinstance(e, openai.APIStatusError):
-        msg = f"服务器返回错误 {e.status_code}：{_redact(str(getattr(e, 'message', e)), key)[:160]}"
+        detail = re.sub(r"^Error code: \d+ - ", "", str(getattr(e, "message", e)))
+        msg = f"服务器返回错误 {e.status_code}：{_redact(detail, key)[:160]}"
     else:
         msg = f"与 API 通信时出错（{type(e).__name__}）：连接可能中途断开，请重试或改用 --backend local。"
     return LLMError(_redact(msg, key))
@@ -143,7 +144,8 @@ class LLMClient:
         self._oa = openai.OpenAI(api_key=self.api_key or "not-needed", base_url=self.base_url,
                                  timeout=self.timeout, max_retries=self.max_retries)
         listed: list[str] = []
-        if probe:
+        custom = bool(self.base_url and "api.openai.com" not in self.base_url)
+        if probe or (custom and not self._model_arg):
             try:
                 listed = [m.id for m in self._oa.with_options(timeout=8.0, max_retries=0).models.list()]
             except openai.NotFoundError:
@@ -152,8 +154,11 @@ class LLMClient:
                 raise explain_api_error(e, self.base_url, self._model_arg or "", self.api_key) from None
         if self._model_arg:
             self.model_name = self._model_arg
-        elif self.base_url and "api.openai.com" not in self.base_url and listed:
-            self.model_name = listed[0]
+        elif custom and listed:
+            chat_models = [m for m in listed if "embed" not in m.lower()]
+            self.model_name = (chat_models or listed)[0]
+        elif custom:
+            raise UserError(f"{self.base_url} 没有列出可用模型：请用 --model 或 OPENAI_MODEL 指定模型名。")
         else:
             self.model_name = DEFAULT_OPENAI_MODEL
 
@@ -161,10 +166,7 @@ class LLMClient:
         """The LocalModel (loaded on first use)."""
         if self._local is None:
             from common.local_model import load_local_model
-            dtype = self.local_dtype or os.environ.get("LLM_COURSE_DTYPE") or "auto"
-            if dtype == "auto":
-                from common.device import get_device
-                dtype = "int8" if get_device().type == "cpu" else "fp32"
+            dtype = self.local_dtype or os.environ.get("LLM_COURSE_DTYPE") or "fp32"
             self._local = load_local_model(dtype=dtype, verbose=self.verbose)
         return self._local
 
@@ -207,14 +209,18 @@ class LLMClient:
                       max_tokens=max_tokens, stream=True)
         if seed is not None:
             kwargs["seed"] = seed
+        import openai
+
+        received = False
         try:
             stream = self._oa.chat.completions.create(**kwargs)
             for chunk in stream:
+                received = True
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except Exception as e:  # noqa: BLE001 - SDK errors and dropped connections alike
-            if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
-                raise
+            if received and not isinstance(e, (openai.APIStatusError, openai.APITimeoutError)):
+                raise LLMError("连接在回复中途断开（已收到部分内容）：请重试，或改用 --backend local。") from None
             raise explain_api_error(e, self.base_url, self.model_name, self.api_key) from None
 
     def _local_stream(self, messages, temperature, top_p, max_tokens, seed, top_k) -> Iterator[str]:
@@ -237,19 +243,23 @@ class LLMClient:
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings [N, D] float32, each row L2-normalised."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
         if self.backend == "openai":
+            out, err = [], None
             try:
-                out = []
                 for i in range(0, len(texts), batch_size):
-                    resp = self._oa.embeddings.create(model=self.embed_model, input=list(texts[i:i + batch_size]))
+                    resp = self._oa.embeddings.create(model=self.embed_model, input=texts[i:i + batch_size])
                     out += [d.embedding for d in sorted(resp.data, key=lambda d: d.index)]
-                vecs = np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
-                return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
             except Exception as e:  # noqa: BLE001
                 err = explain_api_error(e, self.base_url, self.embed_model, self.api_key)
-                if self.requested != "auto":
-                    raise err from None
-                self._fallback(err)
+            if err is None:
+                vecs = np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+                return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            if self.requested != "auto":
+                raise err
+            self._fallback(err)
         if self._embedder is None:
             from common.embeddings import load_local_embedder
             self._embedder = load_local_embedder()
@@ -263,8 +273,8 @@ def add_client_args(parser) -> None:
                    help="auto：有 API 配置且能连通就用 API，否则本地模型（默认）；openai；local")
     g.add_argument("--model", default=None, help="API 模型名（默认读 OPENAI_MODEL；Ollama 例：qwen2.5:0.5b）")
     g.add_argument("--base-url", default=None, help="OpenAI 兼容服务地址（默认读 OPENAI_BASE_URL）")
-    g.add_argument("--dtype", choices=("auto", "fp32", "int8"), default=None,
-                   help="本地模型精度：auto（CPU 上 int8 更快，GPU 上 fp32）、fp32（参考实现）、int8")
+    g.add_argument("--dtype", choices=("fp32", "int8"), default=None,
+                   help="本地模型精度：fp32（默认，参考实现）或 int8（仅 CPU，更快但是近似，见 benchmarks/local_model_speed.py）")
 
 
 def client_from_args(args, verbose: bool = True) -> LLMClient:

@@ -4,9 +4,15 @@ Loading: the GGUF stores quantized matrices (Q4_1/Q8_0); the ``gguf`` package de
 float arrays. That takes ~5 s, so the float32 weights are cached once as a safetensors file in the
 user cache directory (~540 MB) and later loads read that (about a second).
 
-dtype: "fp32" is the reference path the tests compare against. "int8" uses torch's own dynamic
-quantization of the Linear layers (weights int8,
-activations quantized on the fly) — decoding one token is memory-bound, so fewer bytes = faster.
+dtype: "fp32" (default) is the reference path the tests compare against. "int8" uses torch's own
+dynamic quantization of the Linear layers (int8 weights, activations quantized on the fly) —
+decoding one token is memory-bound, so fewer bytes read = faster. Small LLMs have a few huge
+"outlier" activation channels (worst at the input of down_proj) that int8 activations cannot
+represent, so before quantizing we apply SmoothQuant: divide each input channel of a Linear by a
+scale s and multiply the matching weight column by s. The product is unchanged in exact arithmetic
+(s is folded into the preceding RMSNorm weight, or into up_proj's rows), but the outliers move from
+activations into weights, which int8 handles per output channel. int8 remains an approximation:
+benchmarks/local_model_speed.py measures how far its next-token distribution is from fp32.
 """
 from __future__ import annotations
 
@@ -112,7 +118,58 @@ def _cached_weights(path: Path, verbose: bool) -> tuple[LlamaConfig, dict[str, t
     return cfg, weights
 
 
-def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtype: str = "fp32") -> Llama:
+# English calibration prompts for SmoothQuant (only activation maxima are taken from them).
+CALIBRATION_PROMPTS = [
+    "Tell me about the history of Rome.",
+    "Write a Python function that sorts a list.",
+    "What are the benefits of exercise? Give three reasons.",
+    "Translate 'good morning' to French and explain.",
+]
+SMOOTH_ALPHA = 0.7  # how much of the outlier scale moves into the weights (0.7 was best of 0.5/0.7/0.85 here)
+
+
+@torch.no_grad()
+def smooth_for_int8(model: Llama, tokenizer: ChatTokenizer, alpha: float = SMOOTH_ALPHA) -> Llama:
+    """SmoothQuant scales folded into the fp32 model (outputs unchanged up to rounding)."""
+    amax: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(m, inp, out, name=name):
+                x = inp[0].abs().flatten(0, -2).amax(0)             # max |x| per input channel
+                amax[name] = torch.maximum(amax[name], x) if name in amax else x
+            hooks.append(mod.register_forward_hook(hook))
+    for p in CALIBRATION_PROMPTS:
+        model(torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": p}])]))
+    for h in hooks:
+        h.remove()
+
+    def scale(act_max, weights):
+        w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        return (act_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+    P = torch.nn.Parameter
+    for i, layer in enumerate(model.layers):
+        a, m = layer.attn, layer.mlp
+        s = scale(amax[f"layers.{i}.attn.q_proj"], [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        layer.attn_norm.weight = P(layer.attn_norm.weight / s, requires_grad=False)
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            lin.weight = P(lin.weight * s, requires_grad=False)
+        s = scale(amax[f"layers.{i}.mlp.gate_proj"], [m.gate_proj.weight, m.up_proj.weight])
+        layer.mlp_norm.weight = P(layer.mlp_norm.weight / s, requires_grad=False)
+        for lin in (m.gate_proj, m.up_proj):
+            lin.weight = P(lin.weight * s, requires_grad=False)
+        s = scale(amax[f"layers.{i}.mlp.down_proj"], [m.down_proj.weight])    # hidden = silu(gate) * up
+        m.down_proj.weight = P(m.down_proj.weight * s, requires_grad=False)
+        m.up_proj.weight = P(m.up_proj.weight / s[:, None], requires_grad=False)
+    s = scale(amax["lm_head"], [model.lm_head.weight])                       # unties lm_head from embed
+    model.lm_head.weight = P(model.lm_head.weight * s, requires_grad=False)
+    model.norm.weight = P(model.norm.weight / s, requires_grad=False)
+    return model
+
+
+def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtype: str = "fp32",
+                tokenizer: ChatTokenizer | None = None) -> Llama:
     """Create the Llama module without random init (meta device) and assign the weights."""
     if dtype not in DTYPES:
         raise UserError(f"未知精度 {dtype!r}：可选 {' / '.join(DTYPES)}。")
@@ -132,9 +189,13 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtyp
     if dtype == "int8":
         if device.type != "cpu":
             raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32 或 bf16。")
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        smooth_for_int8(model, tokenizer or load_tokenizer())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return model
 
 
@@ -160,7 +221,7 @@ def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Ten
     """Quantizing 135 M weights takes seconds; the quantized state dict is cached (~250 MB) instead."""
     from common.llama import rope_tables
 
-    qfile = cache_dir("derived") / f"{path.stem}-{path.stat().st_size}-int8.pt"
+    qfile = cache_dir("derived") / f"{path.stem}-{path.stat().st_size}-int8-sq{SMOOTH_ALPHA}.pt"
     if qfile.is_file():
         try:
             with warnings.catch_warnings():
@@ -173,7 +234,7 @@ def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Ten
             return model.eval().requires_grad_(False)
         except Exception:  # stale or damaged cache: rebuild it
             pass
-    model = build_model(cfg, weights, torch.device("cpu"), "int8")
+    model = build_model(cfg, weights, torch.device("cpu"), "int8", load_tokenizer(path))
     try:
         tmp = qfile.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
@@ -227,7 +288,7 @@ _LOADED: dict[tuple, LocalModel] = {}
 
 def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = None, device=None,
                      verbose: bool = True) -> LocalModel:
-    """Load (once per process) SmolLM2-135M-Instruct. dtype default: $LLM_COURSE_DTYPE or fp32."""
+    """Load (once per process) SmolLM2-135M-Instruct. dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
     dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
     device = get_device() if device is None else torch.device(device)
     gguf_path = find_model_file(path)
@@ -239,7 +300,7 @@ def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = 
     if dtype == "int8" and device.type == "cpu":
         model = _load_int8_cached(gguf_path, cfg, weights)
     else:
-        model = build_model(cfg, weights, device, dtype)
+        model = build_model(cfg, weights, device, dtype, load_tokenizer(gguf_path))
     tok = load_tokenizer(gguf_path)
     lm = LocalModel(model, tok, gguf_path, device, dtype, time.perf_counter() - t0)
     _LOADED[key] = lm

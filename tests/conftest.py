@@ -45,8 +45,16 @@ def script_env(tmp_path) -> dict:
     """Environment for running a lesson script as a subprocess: outputs under tmp_path, no API config."""
     env = dict(os.environ)
     for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "LLM_BACKEND"):
-        env.pop(k, None)
+        env[k] = ""  # empty, not absent: a .env file must not fill them in
     env["LLM_COURSE_OUTPUTS"] = str(tmp_path / "outputs")
     env["PYTHONUNBUFFERED"] = "1"
     env["MPLBACKEND"] = "Agg"
     return env
+
+
+@pytest.fixture(autouse=True)
+def _no_api_config_from_outside(monkeypatch):
+    """A developer's own OPENAI_* variables or .env must not leak into tests: set them empty
+    (load_dotenv never overrides an existing variable, and the client treats "" as unset)."""
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "LLM_BACKEND"):
+        monkeypatch.setenv(k, "")

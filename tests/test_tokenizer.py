@@ -37,9 +37,9 @@ TEXTS = [
 ]
 
 
-def _random_texts(n=60, seed=0):
+def _random_texts(n=60, seed=0, digits=True):
     rng = random.Random(seed)
-    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 \n\t.,;:!?'\"()[]{}-_+=*/\\|@#$%^&~`") + \
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ" + ("0123456789" if digits else "") + " \n\t.,;:!?'\"()[]{}-_+=*/\\|@#$%^&~`") + \
         list("你我他的是了在大模型学习中文。，") + ["  ", "   ", "\r\n", "😀", "é"]
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(n)]
 
@@ -73,9 +73,11 @@ def test_ids_match_tokenizers_reference(tokenizer, hf_tokenizers_ref, text):
 
 def test_ids_match_transformers_gguf_tokenizer(tokenizer, hf_transformers_ref):
     checked = 0
-    for text in TEXTS + _random_texts(seed=1):
+    for text in TEXTS + _random_texts(seed=1, digits=False):
         if any(ch.isdigit() or ch in "½²Ⅳ" for ch in text):
             continue  # see module docstring: transformers' GGUF converter drops the Digits step
+        if "<|" in text:
+            continue  # transformers parses special-token strings in text; our encode() treats them as plain text
         assert tokenizer.encode(text) == hf_transformers_ref.encode(text, add_special_tokens=False), repr(text)
         checked += 1
     assert checked > 20
