@@ -1,0 +1,202 @@
+"""Tests for lesson 04 (tiny GPT). No network: every CLI run uses --data with a generated text file."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "04_tiny_gpt.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("tiny_gpt_lesson", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tg = _load()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_globals():
+    # main() sets torch threads / flush-denormal; don't leak that into other test files.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def small_gpt(vocab=50, block=16, seed=0):
+    torch.manual_seed(seed)
+    return tg.GPT(vocab_size=vocab, block_size=block, n_layer=2, n_head=4, n_embd=32).eval()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    # Mixed English/Chinese text with learnable structure (repeated lines in random order).
+    rng = random.Random(0)
+    lines = ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。", "ROMEO: But soft, what light?",
+             "JULIET: O Romeo, Romeo!", "To be, or not to be."]
+    text = "\n".join(rng.choice(lines) for _ in range(1500))
+    p = tmp_path_factory.mktemp("data") / "tiny.txt"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_causal_mask_future_tokens_do_not_change_past_logits():
+    model = small_gpt()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    t = 9
+    idx2 = idx.clone()
+    idx2[:, t:] = (idx2[:, t:] + 7) % 50  # change position t and everything after it
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(idx2)
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)       # past: unchanged
+    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)   # the changed positions do see the change
+
+
+def test_fused_attention_matches_handwritten_heads():
+    # Independent reference: the lesson's one-head-at-a-time MultiHeadAttention (explicit mask + softmax).
+    torch.manual_seed(0)
+    C, H, T = 32, 4, 12
+    ref = tg.MultiHeadAttention(C, H, block_size=T)
+    fused = tg.CausalSelfAttention(C, H)
+    with torch.no_grad():
+        wq = torch.cat([h.query.weight for h in ref.heads])
+        wk = torch.cat([h.key.weight for h in ref.heads])
+        wv = torch.cat([h.value.weight for h in ref.heads])
+        fused.qkv.weight.copy_(torch.cat([wq, wk, wv]))
+        fused.proj.weight.copy_(ref.proj.weight)
+        x = torch.randn(3, T, C)
+        y_ref = ref(x)
+        y_sdpa = fused(x)
+        fused.use_sdpa = False
+        y_manual = fused(x)
+    assert torch.allclose(y_ref, y_sdpa, atol=1e-5)
+    assert torch.allclose(y_ref, y_manual, atol=1e-5)
+
+
+def test_initial_loss_is_about_ln_vocab():
+    for vocab in (84, 500):
+        model = small_gpt(vocab=vocab)
+        idx = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(2))
+        tgt = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            _, loss = model(idx, tgt)
+        assert abs(loss.item() - math.log(vocab)) < 0.1
+
+
+def test_loss_matches_manual_cross_entropy():
+    model = small_gpt()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    tgt = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, loss = model(idx, tgt)
+    manual = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).mean()
+    assert torch.allclose(loss, manual, atol=1e-5)
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_loss():
+    model = small_gpt().train()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(6))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    model = small_gpt()
+    tok = tg.CharTokenizer.from_text("abc 你好")
+    path = tmp_path / "m.pt"
+    tg.save_checkpoint(path, {"format": tg.CKPT_FORMAT, "model_config": model.config, "model": model.state_dict(),
+                              "tokenizer": tok.state()})
+    ck = tg.load_checkpoint(path)
+    model2 = tg.model_from_checkpoint(ck, path).eval()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model2(idx)[0])
+    assert tg.tokenizer_from_state(ck["tokenizer"]).chars == tok.chars
+    assert not path.with_name("m.pt.tmp").exists()  # atomic write leaves no temp file
+
+
+def test_char_tokenizer_round_trip_including_chinese():
+    text = "床前明月光，疑是地上霜。\nHello, World! 😀 tab\tend"
+    tok = tg.CharTokenizer.from_text(text)
+    assert tok.vocab_size == len(set(text))
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_corpus(text).tolist() == ids  # vectorised corpus encoder agrees with the simple one
+    with pytest.raises(tg.UserError):
+        tok.encode("X")  # unseen character -> clear error
+
+
+def test_top_k_1_equals_greedy_and_top_p_keeps_the_top_token():
+    model = small_gpt()
+    start = torch.tensor([[1, 2, 3]])
+    greedy = tg.generate(model, start, 10, temperature=0)
+    topk1 = tg.generate(model, start, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    tiny_p = tg.generate(model, start, 10, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, topk1) and torch.equal(greedy, tiny_p)
+    assert greedy.shape == (1, 13)
+
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "8",
+        "--eval-iters", "2", "--evals", "2", "--device", "cpu", "--lr", "1e-2",
+        "--warmup-iters", "5"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
+    full, part = tmp_path / "full", tmp_path / "part"
+    tg.main(["--data", str(text_file), *TINY, "--max-iters", "40", "--out-dir", str(full)])
+    r_full = json.loads((full / "results.json").read_text(encoding="utf-8"))
+    assert (full / "loss_curve.png").exists() and (full / "ckpt_best.pt").exists()
+    assert r_full["final_val_loss"] < r_full["init_loss"] - 0.5  # learning happened
+
+    tg.main(["--data", str(text_file), *TINY, "--max-iters", "40", "--out-dir", str(part), "--stop-after", "15"])
+    r_stop = json.loads((part / "results.json").read_text(encoding="utf-8"))
+    assert r_stop["iters"] == 15 and r_stop["stopped"] == "stop_after"
+    tg.main(["--resume", "--out-dir", str(part)])
+    r_res = json.loads((part / "results.json").read_text(encoding="utf-8"))
+    assert r_res["iters"] == 40
+    assert r_res["train_loss_per_iter"] == r_full["train_loss_per_iter"]  # bit-identical loss curve
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_flags_exit_nonzero_with_message(tmp_path):
+    r = _cli("--n-embd", "30", "--n-head", "4", "--max-iters", "1")
+    assert r.returncode != 0 and "整除" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--data", str(tmp_path / "missing.txt"), "--max-iters", "1", "--out-dir", str(tmp_path))
+    assert r.returncode != 0 and "找不到数据文件" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    r = _cli("--sample-only", "--checkpoint", str(bad))
+    assert r.returncode != 0 and "损坏" in r.stderr and "Traceback" not in r.stderr
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(tg.UserError, match="不是本课"):
+        tg.load_checkpoint(foreign)
+    with pytest.raises(tg.UserError, match="找不到检查点"):
+        tg.load_checkpoint(tmp_path / "nope.pt")
