@@ -1,0 +1,98 @@
+"""Benchmark: KV-cache speedup of greedy generation with the local SmolLM2-135M, fp32 and int8.
+
+For each dtype it generates max(lengths) tokens once with the KV cache and once without, timing
+every step; the time to generate the first L tokens is the sum of the first L steps (greedy decoding
+of L tokens is a prefix of the longer run). Ratios are measured side by side in the same process.
+It also profiles one cached and one uncached step with torch.profiler (top ops by self CPU time).
+
+Uses the lesson's own code (02_understand_kv_cache.py: next_token_logits, greedy_timed, model_macs,
+profile_step, linear_weight_bytes), so the benchmark measures exactly what the lesson teaches.
+
+    python benchmarks/kv_cache_speedup.py                       # lengths 64,128,256,512, fp32 + int8
+    python benchmarks/kv_cache_speedup.py --lengths 64,128 --dtypes int8 --threads 2
+
+Writes outputs/benchmarks/kv_cache_speedup.json. Slow: the uncached 512-token run recomputes
+~280 tokens per step on average (minutes per dtype on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from common.errors import UserError, run_cli  # noqa: E402
+
+lesson = importlib.import_module("02_understand_kv_cache")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="KV cache speedup benchmark (local SmolLM2-135M)")
+    p.add_argument("--lengths", type=lesson.parse_lengths, default=[64, 128, 256, 512])
+    p.add_argument("--dtypes", default="fp32,int8", help="comma list of fp32,int8")
+    p.add_argument("--threads", type=lesson.positive, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--prompt", default=lesson.DEFAULT_PROMPT)
+    p.add_argument("--no-profile", action="store_true")
+    args = p.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("fp32", "int8") for d in dtypes):
+        raise UserError(f"--dtypes 只能是 fp32 / int8 的逗号组合（收到 {args.dtypes!r}）。")
+
+    import torch
+
+    from common.device import setup_threads
+    from common.local_model import load_local_model
+    from common.outputs import output_dir
+
+    threads = setup_threads(args.threads)
+    n = max(args.lengths)
+    out = {"lengths": sorted(args.lengths), "threads": threads, "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "platform": platform.platform(), "runs": {}}
+    out["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for dtype in dtypes:
+        lm = load_local_model(dtype=dtype, device=torch.device("cpu"), verbose=True)
+        prompt_ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        P = len(prompt_ids)
+        t0 = time.perf_counter()
+        tok_c, t_c, _ = lesson.greedy_timed(lm, prompt_ids, n, True, f"{dtype} cached")
+        tok_n, t_n, _ = lesson.greedy_timed(lm, prompt_ids, n, False, f"{dtype} no cache")
+        first_diff = next((i for i, (a, b) in enumerate(zip(tok_c, tok_n)) if a != b), None)
+        rows = []
+        for L in sorted(args.lengths):
+            s_n, s_c = sum(t_n[:L]), sum(t_c[:L])
+            m_n, m_c = lesson.model_macs(lm.config, P, L)
+            rows.append({"new_tokens": L, "no_cache_s": s_n, "cached_s": s_c, "no_cache_tok_s": L / s_n,
+                         "cached_tok_s": L / s_c, "speedup": s_n / s_c, "mac_ratio": m_n / m_c})
+        run = {"prompt_tokens": P, "identical_tokens": first_diff is None, "first_diff": first_diff,
+               "weight_bytes_per_token": lesson.linear_weight_bytes(lm.model), "table": rows,
+               "step_seconds_cached": t_c, "step_seconds_no_cache": t_n, "wall_s": time.perf_counter() - t0}
+        if not args.no_profile:
+            run["profile"] = {"cached_step": lesson.profile_step(lm, P + n, True, top=8),
+                              "no_cache_step": lesson.profile_step(lm, P + n, False, top=8)}
+        out["runs"][dtype] = run
+        print(f"\n[{dtype}] prompt {P} tokens, identical cached/uncached tokens: {first_diff is None}"
+              + ("" if first_diff is None else f" (first difference at token {first_diff})"))
+        print(f"{'new tokens':>10} | {'no cache s':>10} | {'cached s':>8} | {'no cache tok/s':>14} |"
+              f" {'cached tok/s':>12} | {'speedup':>7} | MAC ratio")
+        for r in rows:
+            print(f"{r['new_tokens']:>10} | {r['no_cache_s']:10.2f} | {r['cached_s']:8.2f} | {r['no_cache_tok_s']:14.2f} |"
+                  f" {r['cached_tok_s']:12.2f} | {r['speedup']:6.1f}x | {r['mac_ratio']:6.1f}x")
+        for key in ("cached_step", "no_cache_step"):
+            if "profile" in run:
+                print(f"  profile {key}: " + ", ".join(f"{r['op']} {r['share'] * 100:.0f}%" for r in run["profile"][key][:5]))
+    out["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    path = output_dir("benchmarks") / "kv_cache_speedup.json"
+    import json
+    path.write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"\nwrote {path}  (loadavg start {out['loadavg_start']}, end {out['loadavg_end']})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
