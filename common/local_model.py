@@ -183,12 +183,10 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtyp
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
     model.rope_cos, model.rope_sin = cos, sin
     model.eval().requires_grad_(False)
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
     model = model.to(device)
     if dtype == "int8":
         if device.type != "cpu":
-            raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32 或 bf16。")
+            raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32。")
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
         smooth_for_int8(model, tokenizer or load_tokenizer())
