@@ -200,3 +200,24 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
         tg.load_checkpoint(foreign)
     with pytest.raises(tg.UserError, match="找不到检查点"):
         tg.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_quick_with_bpe_trains_fewer_smaller_steps_but_flags_still_win():
+    a = tg.resolve_args(["--quick"])
+    assert (a.max_iters, a.batch_size) == (300, 32)
+    a = tg.resolve_args(["--quick", "--tokenizer", "bpe"])
+    assert (a.max_iters, a.batch_size) == (tg.QUICK_BPE["max_iters"], tg.QUICK_BPE["batch_size"])
+    a = tg.resolve_args(["--quick", "--tokenizer", "bpe", "--max-iters", "7", "--batch-size", "3"])
+    assert (a.max_iters, a.batch_size) == (7, 3)
+
+
+def test_bpe_tokenizer_compacts_vocab_and_round_trips(text_file):
+    text = text_file.read_text(encoding="utf-8")
+    tok = tg.BPETokenizer.from_text(text)
+    ids = tok.encode_corpus(text)
+    # Only ids that occur in the corpus are kept, renumbered 0..V-1.
+    assert tok.vocab_size == len(set(ids.tolist())) == int(ids.max()) + 1
+    assert tok.decode(ids.tolist()) == text
+    assert tok.decode(tok.encode("ROMEO: But soft")) == "ROMEO: But soft"
+    restored = tg.tokenizer_from_state(tok.state())
+    assert restored.encode("JULIET: O Romeo") == tok.encode("JULIET: O Romeo")
