@@ -184,6 +184,13 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtyp
     model.rope_cos, model.rope_sin = cos, sin
     model.eval().requires_grad_(False)
     model = model.to(device)
+    if dtype == "fp32" and device.type == "cpu" and model.lm_head.weight is model.embed.weight:
+        # Same values and shape [vocab, dim], stored column-major. For one new token the LM head is a
+        # matrix-vector product over 113 MB; PyTorch's CPU kernel streams this layout about 2x faster
+        # (measured: 5.7 ms vs 11.5 ms on 2 cores), which is ~10% of a cached decoding step.
+        w = torch.nn.Parameter(model.embed.weight.detach().t().contiguous().t(), requires_grad=False)
+        model.embed.weight = w
+        model.lm_head.weight = w
     if dtype == "int8":
         if device.type != "cpu":
             raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32。")
