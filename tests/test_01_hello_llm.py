@@ -9,7 +9,7 @@ References used by the assertions:
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -29,15 +29,8 @@ if str(REPO) not in sys.path:
 from tests.openai_test_server import CHAT_MODEL, echo_reply, reply_pieces, run_server  # noqa: E402
 
 
-def _load_lesson():
-    # the file name starts with a digit, so it cannot be imported with a plain `import`
-    spec = importlib.util.spec_from_file_location("hello_llm_lesson", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-lesson = _load_lesson()
+# the file name starts with a digit, so a plain `import` statement cannot name it
+lesson = importlib.import_module("01_hello_llm")
 
 
 def _env(outputs: Path, **extra) -> dict:

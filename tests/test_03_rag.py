@@ -4,7 +4,7 @@ Expected values are computed here independently from the formulas (not copied fr
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -17,15 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "03_hands_on_rag.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("rag_lesson", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rag_lesson"] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rag = _load()
+rag = importlib.import_module("03_hands_on_rag")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Tests for lesson 04 (tiny GPT). No network: every CLI run uses --data with a generated text file."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import random
@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "04_tiny_gpt.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("tiny_gpt_lesson", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tg = _load()
+tg = importlib.import_module("04_tiny_gpt")
 
 
 @pytest.fixture(autouse=True, scope="module")

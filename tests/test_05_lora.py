@@ -5,6 +5,7 @@ Uses the real local model (fp32). Each test works on short inputs so the file st
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -19,14 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "05_lora.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("lesson05_lora", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-L5 = _load_script()
+L5 = importlib.import_module("05_lora")
 
 
 @pytest.fixture(scope="module")
