@@ -139,18 +139,10 @@ def part_toy(args) -> dict:
 def next_token_logits(model, ids, cache=None):
     """把 ids 过一遍模型，只返回最后一个位置的 logits [vocab]。
 
-    和 model(ids, cache) 做的事相同（逐层调用模型自己的模块），只是最后的 LM head（49152×576 的大矩阵）
-    只算最后一个位置：下一个 token 只需要它。这样"不缓存"那一边没有白做的工作，比较才公平。
+    last_only=True：最后的 LM head（49152×576 的大矩阵）只算最后一个位置，因为下一个 token 只需要它。
+    这样"不缓存"那一边没有白做的工作，比较才公平。
     """
-    start = cache.length if cache is not None else 0
-    T = ids.shape[1]
-    cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
-    x = model.embed(ids).to(model.norm.weight.dtype)
-    for i, block in enumerate(model.layers):
-        x, _ = block(x, cos, sin, i, cache, start, False)
-    if cache is not None:
-        cache.length = start + T
-    return model.lm_head(model.norm(x[:, -1])).float()[0]
+    return model(ids, cache=cache, last_only=True)[0]
 
 
 def greedy_timed(lm, prompt_ids: list[int], n: int, use_cache: bool, desc: str):

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import re
 import statistics
 import sys
@@ -39,85 +37,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.device import get_device, setup_threads, synchronize  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
+from common.lora import (TARGETS, LoRALinear, inject_lora, load_adapter, lora_modules,  # noqa: E402
+                         parse_targets, save_adapter)
 from common.outputs import REPO_ROOT, output_dir, save_results  # noqa: E402
 
 NAME = "05_lora"
 DATA_DIR = REPO_ROOT / "data" / "lora"
-# --targets 里的简称 → 模型中的模块名（common/llama.py：layers[i].attn.q_proj ... layers[i].mlp.down_proj）
-TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 ANSWER_RE = re.compile(r"^intent: ([a-z_]+) \| order: (\d+|none)$")   # 要求的精确格式
 INTENT_RE = re.compile(r"intent\s*[:=]\s*([a-z_]+)", re.IGNORECASE)     # 宽松地找出意图
 
 
 # ---------------------------------------------------------------------------
 # 1. LoRA 层：y = W·x + (alpha/r)·B·A·dropout(x)，W 冻结，只训练 A、B
+#    代码在 common/lora.py（第 08 课 DPO 也用它）：LoRALinear、inject_lora、merge/unmerge、保存/加载适配器。
+#    读本课之前先读那个文件——它只有一百多行。
 # ---------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base                                   # 原来的线性层，权重冻结
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        w = base.weight
-        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))   # 与 nn.Linear / PEFT 相同的随机初始化
-        self.dropout = nn.Dropout(dropout)
-        self.merged = False
-        self._saved_weight = None                          # merge 前原权重的副本（unmerge 用它精确恢复）
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:                                    # ΔW 已经加进 W 了，不能再加一次
-            return y
-        # 先乘 A（降到 r 维）再乘 B（升回 out 维）：计算量 r·(in+out)，远小于 in·out
-        return y + (self.dropout(x) @ self.A.T @ self.B.T) * self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale              # [out, in]，和 W 同形状，但秩 ≤ r
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._saved_weight = self.base.weight.detach().clone()
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """从保存的副本逐位恢复 W（用 W - ΔW 计算只能恢复到浮点舍入误差以内）。"""
-        if self.merged:
-            self.base.weight.copy_(self._saved_weight)
-            self._saved_weight, self.merged = None, False
-
-
-def parse_targets(text: str) -> list[str]:
-    aliases = {"attn": "q,k,v,o", "mlp": "gate,up,down", "all": "q,k,v,o,gate,up,down"}
-    names = [t.strip().lower() for t in aliases.get(text.strip().lower(), text).split(",") if t.strip()]
-    bad = [t for t in names if t not in TARGETS]
-    if bad or not names:
-        raise UserError(f"--targets 里有不认识的名字 {bad or text!r}：可选 {','.join(TARGETS)}（或 attn / mlp / all）。")
-    return list(dict.fromkeys(names))  # 去重、保持顺序
-
-
-def inject_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> dict[str, LoRALinear]:
-    """把每一层里选中的 nn.Linear 换成 LoRALinear。先冻结全部原参数，所以之后只有 A、B 可训练。"""
-    model.requires_grad_(False)
-    wrapped = {}
-    for i, layer in enumerate(model.layers):
-        for t in targets:
-            parent_name, attr = TARGETS[t].split(".")
-            parent = getattr(layer, parent_name)
-            lora = LoRALinear(getattr(parent, attr), rank, alpha, dropout)
-            setattr(parent, attr, lora)
-            wrapped[f"layers.{i}.{TARGETS[t]}"] = lora
-    return wrapped
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
 def param_report(model: nn.Module, targets: list[str]) -> dict:
     """按模块类型统计：被包装的层数、原参数量、LoRA 参数量（应等于 r·(in+out)·层数）。"""
     mods = lora_modules(model)
@@ -131,39 +65,6 @@ def param_report(model: nn.Module, targets: list[str]) -> dict:
     total = sum(p.numel() for p in model.parameters())          # parameters() 对共享的 embed/lm_head 只算一次
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"per_type": per_type, "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total}
-
-
-def save_adapter(model: nn.Module, path: Path, meta: dict) -> None:
-    """只保存 A、B（safetensors），超参数写进文件的 metadata。先写临时文件再改名：中断也不会留下半个文件。"""
-    from safetensors.torch import save_file
-    tensors = {}
-    for n, m in lora_modules(model).items():
-        tensors[f"{n}.A"] = m.A.detach().cpu().contiguous()
-        tensors[f"{n}.B"] = m.B.detach().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def load_adapter(model: nn.Module, path: Path) -> dict:
-    """把适配器读进一个已注入（同样 targets/rank）的模型；返回 metadata。"""
-    from safetensors import safe_open
-    mods = lora_modules(model)
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        keys = set(f.keys())
-        want = {f"{n}.{ab}" for n in mods for ab in "AB"}
-        if keys != want:
-            raise UserError(f"适配器 {path.name} 和当前模型的 LoRA 层对不上（targets/层数不同）；请用相同的 --targets 注入后再加载。")
-        for n, m in mods.items():
-            for ab in "AB":
-                t = f.get_tensor(f"{n}.{ab}")
-                p = getattr(m, ab)
-                if t.shape != p.shape:
-                    raise UserError(f"适配器里 {n}.{ab} 的形状 {tuple(t.shape)} 与模型 {tuple(p.shape)} 不同；请用相同的 --rank。")
-                with torch.no_grad():
-                    p.copy_(t)
-    return meta
 
 
 # ---------------------------------------------------------------------------
@@ -214,12 +115,7 @@ def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     提示占了约 85% 的位置，这一步省下约 1/5 的计算量（tests/ 里对照完整 logits 检查过）。
     """
     inp, tgt = ids[:, :-1], labels[:, 1:]                   # 位置 t 预测第 t+1 个 token
-    T = inp.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = model.embed(inp)
-    for i, block in enumerate(model.layers):
-        x, _ = block(x, cos, sin, i, None, 0, False)
-    h = model.norm(x)
+    h = model(inp, return_hidden=True)                      # 最后一层（RMSNorm 之后）的隐藏状态 [B, T, 576]
     keep = tgt != -100
     logits = model.lm_head(h[keep]).float()                 # [答案 token 数, vocab]
     return F.cross_entropy(logits, tgt[keep])

@@ -29,7 +29,7 @@ from common.errors import UserError
 from common.llama import Llama, LlamaConfig
 from common.model_files import find_model_file
 from common.outputs import cache_dir
-from common.sampling import sample_next_token
+from common.generate import generate
 from common.tokenizer import ChatTokenizer, load_tokenizer
 
 DTYPES = ("fp32", "int8")  # bf16 was tried: no faster on CPU and greedy output drifted
@@ -265,27 +265,14 @@ class LocalModel:
     def config(self) -> LlamaConfig:
         return self.model.config
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, use_cache: bool = True,
-                 stop_ids: set[int] | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time (autoregressive generation).
-
-        use_cache=False recomputes the whole sequence every step (slow; lesson 02 compares).
-        """
-        stop_ids = self.tokenizer.eos_ids if stop_ids is None else stop_ids
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        ids = list(prompt_ids)
-        cache = self.model.new_cache(1, len(ids) + max_new_tokens + 1) if use_cache else None
-        inp = torch.tensor([ids], device=self.device)
-        for _ in range(max_new_tokens):
-            logits = self.model(inp, cache=cache)[0, -1]
-            nxt = sample_next_token(logits, temperature, top_k, top_p, generator=gen)
-            if nxt in stop_ids:
-                return
-            yield nxt
-            ids.append(nxt)
-            inp = torch.tensor([[nxt]] if use_cache else [ids], device=self.device)
+                 stop_ids: set[int] | None = None, on_step=None, logits_processor=None) -> Iterator[int]:
+        """Yield new token ids one at a time (common/generate.py's loop; stops at end-of-turn by default)."""
+        return generate(self.model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, use_cache=use_cache,
+                        stop_ids=self.tokenizer.eos_ids if stop_ids is None else stop_ids,
+                        on_step=on_step, logits_processor=logits_processor)
 
 
 _LOADED: dict[tuple, LocalModel] = {}

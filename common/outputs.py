@@ -8,17 +8,32 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def output_dir(name: str) -> Path:
-    """Return outputs/<name>/ (created). LLM_COURSE_OUTPUTS overrides the outputs root (tests use it)."""
-    root = Path(os.environ.get("LLM_COURSE_OUTPUTS") or REPO_ROOT / "outputs")
-    d = root / name
+def output_root() -> Path:
+    """outputs/ in the project, or $LLM_COURSE_OUTPUTS (tests use it). Not created here."""
+    return Path(os.environ.get("LLM_COURSE_OUTPUTS") or REPO_ROOT / "outputs")
+
+
+def output_dir(name: str | Path) -> Path:
+    """Return outputs/<name>/ (created); a Path (e.g. a lesson's --out-dir) is used as it is."""
+    d = name if isinstance(name, Path) else output_root() / name
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def save_results(name: str, data: dict) -> Path:
-    """Write outputs/<name>/results.json atomically and return its path."""
+def save_results(name: str | Path, data: dict, merge: bool = False) -> Path:
+    """Write <output dir>/results.json atomically and return its path.
+
+    merge=True keeps the keys of an existing results.json that `data` does not replace, so a
+    rerun of one part of a lesson (e.g. --part 3) does not erase the other parts' results.
+    """
     path = output_dir(name) / "results.json"
+    if merge and path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict):
+            data = {**old, **data}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=_to_jsonable), encoding="utf-8")
     os.replace(tmp, path)

@@ -58,3 +58,57 @@ def _no_api_config_from_outside(monkeypatch):
     (load_dotenv never overrides an existing variable, and the client treats "" as unset)."""
     for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "LLM_BACKEND"):
         monkeypatch.setenv(k, "")
+
+
+# ----------------------------------------------------------------------------- lesson runs, once each
+class LessonRun:
+    """One finished run of a lesson script: exit code, output, and where its outputs went."""
+
+    def __init__(self, proc, out_root: Path, seconds: float):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.out_root = out_root          # LLM_COURSE_OUTPUTS of the run: <out_root>/<lesson>/results.json
+        self.seconds = seconds
+
+    def results(self, lesson: str) -> dict:
+        import json
+
+        return json.loads((self.out_root / lesson / "results.json").read_text(encoding="utf-8"))
+
+    def explain(self) -> str:
+        return f"exit {self.returncode}\n--- stdout (tail)\n{self.stdout[-3000:]}\n--- stderr (tail)\n{self.stderr[-3000:]}"
+
+
+class LessonRuns:
+    """Runs `python <script> <args>` in a clean environment (local backend, no OPENAI_*, outputs in a
+    temp dir) at most once per test session: the lesson's own tests and tests/test_docs.py ask for the
+    same `--quick` command and share one run."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self._done: dict[tuple, LessonRun] = {}
+
+    def run(self, script: str, *args: str, timeout: float = 300, **extra_env: str) -> LessonRun:
+        import subprocess
+        import time
+
+        key = (script, tuple(args), tuple(sorted(extra_env.items())))
+        if key not in self._done:
+            out_root = self.base / f"run{len(self._done)}" / "outputs"
+            env = dict(os.environ)
+            for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "LLM_BACKEND"):
+                env[k] = ""  # empty, not absent: a .env file must not fill them in
+            env.update(LLM_COURSE_OUTPUTS=str(out_root), PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **extra_env)
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                                      text=True, encoding="utf-8", errors="replace", timeout=timeout,
+                                      stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"`python {script} {' '.join(args)}` did not finish within {timeout} s")
+            self._done[key] = LessonRun(proc, out_root, time.perf_counter() - t0)
+        return self._done[key]
+
+
+@pytest.fixture(scope="session")
+def lesson_runs(tmp_path_factory) -> LessonRuns:
+    return LessonRuns(tmp_path_factory.mktemp("lesson_runs"))

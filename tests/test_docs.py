@@ -187,21 +187,15 @@ def test_command_flags_exist(cmd: DocCommand):
     assert not bad, f"{cmd.where}: `{cmd.text}`: " + "; ".join(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", QUICK_COMMANDS, ids=[c.text[:90] for c in QUICK_COMMANDS])
-def test_quick_command_runs(cmd: DocCommand, tmp_path):
+def test_quick_command_runs(cmd: DocCommand, lesson_runs):
+    """Shares its run with the lesson's own tests (conftest.LessonRuns): each command runs once a session."""
     if not (REPO_ROOT / cmd.script).is_file():
         pytest.fail(f"{cmd.where}: 文档里的命令 `{cmd.text}` 引用的脚本 {cmd.script} 不存在")
-    t0 = time.perf_counter()
-    try:
-        r = subprocess.run([sys.executable, cmd.script, *cmd.args], cwd=REPO_ROOT, env=clean_env(tmp_path),
-                           capture_output=True, text=True, encoding="utf-8", errors="replace",
-                           timeout=QUICK_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{cmd.where}: `{cmd.text}` did not finish within {QUICK_TIMEOUT_S} s")
-    took = time.perf_counter() - t0
-    print(f"{cmd.text}: exit {r.returncode} in {took:.1f} s")
-    assert r.returncode == 0, (f"{cmd.where}: `{cmd.text}` exited {r.returncode} after {took:.1f} s\n"
-                               f"--- stdout (tail)\n{r.stdout[-2000:]}\n--- stderr (tail)\n{r.stderr[-3000:]}")
+    r = lesson_runs.run(cmd.script, *cmd.args, timeout=QUICK_TIMEOUT_S)
+    print(f"{cmd.text}: exit {r.returncode} in {r.seconds:.1f} s")
+    assert r.returncode == 0, f"{cmd.where}: `{cmd.text}` {r.explain()}"
 
 
 def mentioned_scripts() -> list[str]:
