@@ -1,0 +1,77 @@
+"""Every lesson turns a bad flag into one Chinese line and exit code 2: no traceback, no English usage.
+
+Also checks common/cli.py itself: argparse's messages are translated, defaults resolve flag > env > default.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+# (lesson, bad arguments): a non-number, a negative count, a missing file or folder, an unknown value
+BAD_FLAGS = [
+    ("01_hello_llm.py", ["--quick", "--seed", "x"]),
+    ("01_hello_llm.py", ["--max-new-tokens", "-1"]),
+    ("01_hello_llm.py", ["--part", "9"]),
+    ("01_hello_llm.py", ["--top-p", "1.5"]),
+    ("02_understand_kv_cache.py", ["--quick", "--seed", "x"]),
+    ("02_understand_kv_cache.py", ["--max-new-tokens", "-3"]),
+    ("02_understand_kv_cache.py", ["--part", "nope"]),
+    ("03_hands_on_rag.py", ["--quick", "--seed", "x"]),
+    ("03_hands_on_rag.py", ["--docs", "/no/such/folder"]),
+    ("03_hands_on_rag.py", ["--retrieve-k", "0"]),
+    ("04_tiny_gpt.py", ["--quick", "--seed", "x"]),
+    ("04_tiny_gpt.py", ["--max-iters", "-1"]),
+    ("04_tiny_gpt.py", ["--data", "/no/such/file.txt"]),
+    ("05_lora.py", ["--quick", "--seed", "x"]),
+    ("05_lora.py", ["--steps", "-1"]),
+    ("05_lora.py", ["--data", "/no/such/file.json"]),
+]
+
+
+def _lessons_present():
+    return [(s, a) for s, a in BAD_FLAGS if (REPO / s).is_file()]
+
+
+@pytest.mark.parametrize("script,args", _lessons_present(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_bad_flag_is_one_chinese_line(script, args, tmp_path):
+    env = dict(os.environ, LLM_COURSE_OUTPUTS=str(tmp_path), OPENAI_API_KEY="", OPENAI_BASE_URL="", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+    assert "Traceback" not in r.stderr and "usage:" not in r.stderr, r.stderr
+    assert len(err) == 1 and CJK.search(err[0]), r.stderr
+
+
+def test_argparse_messages_are_translated():
+    from common.cli import translate_error
+
+    assert translate_error("argument --seed: invalid int value: 'x'") == "参数 --seed 的值 'x' 无效：需要整数。"
+    assert "不认识的参数" in translate_error("unrecognized arguments: --foo")
+    assert "可选" in translate_error("argument --backend: invalid choice: 'foo' (choose from 'auto', 'openai', 'local')")
+
+
+def test_defaults_resolve_flag_then_env_then_builtin(monkeypatch, tmp_path):
+    from common.cli import course_parser
+
+    p = course_parser("99_demo", "demo", groups=("backend", "local"))
+    monkeypatch.delenv("LLM_COURSE_DTYPE", raising=False)
+    monkeypatch.setenv("LLM_COURSE_OUTPUTS", str(tmp_path))
+    a = p.parse_args([])
+    assert (a.dtype, a.backend, a.device, a.seed) == ("fp32", "auto", "auto", 0)
+    assert a.out_dir == tmp_path / "99_demo"
+    monkeypatch.setenv("LLM_COURSE_DTYPE", "int8")
+    assert p.parse_args([]).dtype == "int8"
+    assert p.parse_args(["--dtype", "fp32"]).dtype == "fp32"
+    monkeypatch.setenv("LLM_COURSE_DTYPE", "fp64")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([])
+    assert e.value.code == 2
