@@ -36,8 +36,9 @@ import numpy as np
 from common.cli import (add_max_new_tokens, course_parser, existing_dir, existing_file, non_negative_int,
                         positive_int, setup_run)
 from common.errors import UserError, run_cli
+from common.outputs import REPO_ROOT, save_results
 from common.retrieval import (BM25, DATA_DIR, MIN_COSINE, RETRIEVERS, KnowledgeBase, chunk_all, cosine,
-                              default_chunk_tokenizer, dense_index, load_docs)
+                              default_chunk_tokenizer, dense_index, load_docs, load_questions)
 
 NAME = "03_hands_on_rag"
 DEFAULT_QUESTION = {"en": "How many days of paid sick leave do I get per year?", "zh": "每年有几天带薪病假？"}
@@ -53,7 +54,8 @@ class SelfCheckFailed(UserError):
 def read_documents(folder: Path, results: dict):
     print("== 第 1 步：读入知识库 ==")
     docs = load_docs(folder)  # common/retrieval.py：.md/.txt，UTF-8，出错给一行中文提示
-    print(f"  {folder}：{len(docs)} 个文件，共 {sum(len(d.text) for d in docs):,} 个字符")
+    shown = folder.resolve().relative_to(REPO_ROOT) if folder.resolve().is_relative_to(REPO_ROOT) else folder
+    print(f"  {shown}：{len(docs)} 个文件，共 {sum(len(d.text) for d in docs):,} 个字符")
     results.update(n_docs=len(docs))
     return docs
 
@@ -112,9 +114,8 @@ def retrieve(args, kb: KnowledgeBase, question: str, results: dict) -> list[tupl
     nothing, best_cos = kb.nothing_relevant(args.retriever, question, qvec)
     hits = [] if nothing else kb.rank(args.retriever, question, qvec)[:args.retrieve_k]
     chunks = kb.chunks
-    results["hits"] = [{"rank": r + 1, "id": chunks[i].id, "source": chunks[i].source, "chunk": chunks[i].index,
-                        "start": chunks[i].start, "end": chunks[i].end, "score": s, "scores": extra,
-                        "text": chunks[i].text} for r, (i, s, extra) in enumerate(hits)]
+    results["hits"] = [{"rank": r + 1, "chunk": chunks[i].index, **vars(kb.hit(i, s, extra))}
+                       for r, (i, s, extra) in enumerate(hits)]
     if nothing:
         msg = (f"知识库里找不到和这个问题相关的内容（没有共同的词，最高余弦相似度只有 {best_cos:.2f} < {MIN_COSINE}）："
                "换个说法，或确认文档里确实写了这件事。")
@@ -132,26 +133,6 @@ def retrieve(args, kb: KnowledgeBase, question: str, results: dict) -> list[tupl
 
 
 # ---------------------------------------------------------------- 第 5 步：评测检索
-def load_questions(path: Path) -> list[dict]:
-    """问题集 JSONL：每行 {"question", "source", "answer", 可选 "accept": [等价说法…]}。"""
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"问题集 {path} 第 {n} 行不是合法的 JSON：每行应是一个 JSON 对象。") from None
-        if not isinstance(obj, dict) or not obj.get("question") or not obj.get("source"):
-            raise UserError(f"问题集 {path} 第 {n} 行缺少 question 或 source 字段。")
-        if not isinstance(obj.get("accept", []), list):
-            raise UserError(f"问题集 {path} 第 {n} 行的 accept 应是字符串列表。")
-        items.append(obj)
-    if not items:
-        raise UserError(f"问题集 {path} 是空的。")
-    return items
-
-
 def recall_at_k(ranked_sources: list[list[str]], gold: list[str], k: int) -> float:
     """recall@k：标准来源文件出现在前 k 个块里的问题所占比例。"""
     return sum(g in r[:k] for r, g in zip(ranked_sources, gold)) / len(gold)
@@ -334,9 +315,9 @@ def answer_with_sources(args, kb, hits, client, enc, question: str, prompt_lang:
 
 
 # ---------------------------------------------------------------- 第 7 步：评测生成的回答
-EN_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-           "seventeen eighteen nineteen".split()
-EN_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+EN_NUMBERS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                         "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+EN_NUMBERS.update(twenty=20, thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90)
 ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
 ZH_UNITS = {"十": 10, "百": 100, "千": 1000}
 
@@ -360,10 +341,9 @@ def normalize(s: str, lang: str) -> str:
         s = re.sub(r"[零〇一二两三四五六七八九十百千]+", lambda m: str(zh_number(m.group())), s.replace("％", "%"))
         return re.sub(r"\s+", "", s)
     s = s.replace("-", " ").replace("%", " percent")
-    s = re.sub(rf"\b({'|'.join(EN_TENS)}) ({'|'.join(EN_UNITS[1:10])})\b",
-               lambda m: str(EN_TENS[m[1]] + EN_UNITS.index(m[2])), s)  # twenty two -> 22
-    s = re.sub(rf"\b({'|'.join([*EN_UNITS, *EN_TENS])})\b",
-               lambda m: str(EN_TENS.get(m[1], EN_UNITS.index(m[1]) if m[1] in EN_UNITS else 0)), s)
+    tens, units = "|".join(w for w, v in EN_NUMBERS.items() if v >= 20), "|".join(list(EN_NUMBERS)[1:10])
+    s = re.sub(rf"\b({tens}) ({units})\b", lambda m: str(EN_NUMBERS[m[1]] + EN_NUMBERS[m[2]]), s)  # twenty two -> 22
+    s = re.sub(rf"\b({'|'.join(EN_NUMBERS)})\b", lambda m: str(EN_NUMBERS[m[1]]), s)                 # three -> 3
     return re.sub(r"\s+", " ", s).strip()
 
 
@@ -442,8 +422,6 @@ def main(argv=None) -> int:
     setup_run(args)  # 线程数、随机种子
     if args.device != "auto":  # 本地模型和嵌入模型都按 LLM_COURSE_DEVICE 选设备
         os.environ["LLM_COURSE_DEVICE"] = args.device
-    from common.outputs import save_results
-
     t_start = time.perf_counter()
     custom = args.docs is not None
     folder = args.docs if custom else DATA_DIR / args.lang

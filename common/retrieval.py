@@ -18,6 +18,7 @@ The pieces, in pipeline order:
   dense_index(chunks, docs, embedder, ...) -> unit vectors per chunk, cached on disk
   rrf(rankings, n)                       -> reciprocal rank fusion of several rankings ("hybrid")
   KnowledgeBase.rank / .search           -> the three retrievers: bm25 | dense | hybrid
+  load_questions(path)                   -> a question set for evaluation (JSONL with gold source + key fact)
 
 An embedder is anything with ``embed(list[str]) -> np.ndarray [N, D]`` (rows L2-normalised) and a name
 (``embed_name``, as LLMClient has, or ``name``): the local all-MiniLM-L6-v2 by default, or an API's
@@ -365,3 +366,30 @@ def load_knowledge_base(lang: str = "en", chunk_size: int = 128, overlap: int = 
     chunks = chunk_all(docs, default_chunk_tokenizer(), chunk_size, overlap)
     vecs, cached = dense_index(chunks, docs, embedder, chunk_size, overlap, cache)
     return KnowledgeBase(docs, chunks, BM25([c.text for c in chunks]), vecs, embedder, cached)
+
+
+# ---------------------------------------------------------------------------- 5. question sets (evaluation)
+def load_questions(path: Path) -> list[dict]:
+    """A question set (JSONL), one object per line: {"question", "source" (the file that answers it),
+    "answer" (the key fact), optional "accept": [equivalent phrasings of the key fact]}."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"无法读取问题集 {path}（{e}）：需要一个 UTF-8 编码的 JSONL 文件。") from None
+    items = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"问题集 {path} 第 {n} 行不是合法的 JSON：每行应是一个 JSON 对象。") from None
+        if not isinstance(obj, dict) or not obj.get("question") or not obj.get("source"):
+            raise UserError(f"问题集 {path} 第 {n} 行缺少 question 或 source 字段。")
+        accept = obj.get("accept", [])
+        if not isinstance(accept, list) or not all(isinstance(a, str) and a.strip() for a in accept):
+            raise UserError(f"问题集 {path} 第 {n} 行的 accept 应是字符串列表。")
+        items.append(obj)
+    if not items:
+        raise UserError(f"问题集 {path} 是空的。")
+    return items

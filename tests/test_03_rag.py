@@ -222,14 +222,14 @@ def test_matcher_rejects_wrong_numbers_and_facts(answer, fact, lang):
 
 
 def test_matcher_accepts_listed_phrasings_and_reports_which():
-    qs = {q["question"]: q for q in rag.load_questions(REPO / "data/rag/questions_en.jsonl")}
+    qs = {q["question"]: q for q in ret.load_questions(REPO / "data/rag/questions_en.jsonl")}
     wine = qs["Will the company pay for wine at a team dinner?"]
     facts = rag.accepted_facts(wine)
     assert rag.match_fact("The company does not pay for wine at a team dinner", [wine["answer"]], "en") is None
     assert rag.match_fact("The company does not pay for wine at a team dinner", facts, "en") == "does not pay"
     assert rag.match_fact("Alcohol is not reimbursed [expenses.md#1]", facts, "en") == "not reimbursed"
     assert rag.match_fact("Yes, the company pays for wine.", facts, "en") is None
-    zh = {q["question"]: q for q in rag.load_questions(REPO / "data/rag/questions_zh.jsonl")}
+    zh = {q["question"]: q for q in ret.load_questions(REPO / "data/rag/questions_zh.jsonl")}
     wine_zh = zh["团队聚餐喝的葡萄酒公司给报吗？"]
     assert rag.match_fact("酒水不能报销。", rag.accepted_facts(wine_zh), "zh") == "不能报"
     assert rag.match_fact("可以报销。", rag.accepted_facts(wine_zh), "zh") is None
@@ -316,7 +316,7 @@ def test_non_utf8_file_is_a_clean_error(tmp_path, script_env):
 
 def test_shipped_question_sets_are_valid():
     for lang in ("en", "zh"):
-        qs = rag.load_questions(REPO / f"data/rag/questions_{lang}.jsonl")
+        qs = ret.load_questions(REPO / f"data/rag/questions_{lang}.jsonl")
         assert len(qs) >= 30
         for q in qs:
             doc = (REPO / f"data/rag/{lang}" / q["source"]).read_text(encoding="utf-8")
@@ -346,3 +346,12 @@ def test_quick_run_end_to_end(lesson_runs):
         assert row["key_fact"] == (rag.match_fact(row["answer"], [row["gold"], *row["accept"]], "en") is not None)
     assert (r.out_root / "03_hands_on_rag" / "retrieval.png").is_file()
     assert res["hits"] and res["demo"]["sources"] == [h["id"] for h in res["hits"]]
+
+
+@pytest.mark.parametrize("line,msg", [("{not json", "不是合法的 JSON"), ('{"question": "q"}', "缺少"),
+                                      ('{"question": "q", "source": "a.md", "accept": "x"}', "accept")])
+def test_bad_question_set_is_a_user_error(tmp_path, line, msg):
+    p = tmp_path / "q.jsonl"
+    p.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(ret.UserError, match=msg):
+        ret.load_questions(p)
