@@ -222,7 +222,7 @@ def plot_retrieval(table: dict, n_questions: int, chunk_size: int, out_dir: Path
     w = 0.8 / len(table)
     for j, (m, row) in enumerate(table.items()):
         bars = ax.bar(np.arange(len(cols)) + j * w, [row[c] for c in cols], w, label=m)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6.5, padding=1)
     ax.set_xticks(np.arange(len(cols)) + w * (len(table) - 1) / 2, cols)
     ax.set_ylim(0, 1.3)  # bars end at 1.0; the legend sits in the empty band above them
     ax.set_yticks(np.linspace(0, 1, 6))
