@@ -285,13 +285,13 @@ def generate_answer(client, messages, max_new_tokens: int, seed: int, stream_to_
     return "".join(parts)
 
 
-def answer_with_sources(args, kb, hits, client, enc, question: str, prompt_lang: str, results: dict) -> None:
+def answer_with_sources(args, kb, hits, client, enc, question: str, prompt_lang: str | None, results: dict) -> None:
     print("\n== 第 6 步：拼提示词，流式生成回答 ==")
     if not hits:
         print("  没有检索到资料，不调用模型。回答：I don't know / 我不知道。")
         return
     chunks = [kb.chunks[i] for i, _, _ in hits]
-    messages = build_messages(question, chunks, prompt_lang)
+    messages = build_messages(question, chunks, prompt_lang or "en")  # prompt_lang None：只展示提示词，不生成
     if args.show_prompt:
         print("----- 完整提示词 -----")
         for m in messages:
@@ -366,7 +366,7 @@ def accepted_facts(q: dict) -> list[str]:
     return [q["answer"], *q.get("accept", [])]
 
 
-def evaluate_answers(args, kb, questions, client, prompt_lang: str, results: dict) -> None:
+def evaluate_answers(args, kb, questions, client, prompt_lang: str | None, results: dict) -> None:
     gold_qs = [q for q in questions if q.get("answer")][:args.answer_eval]
     if not gold_qs or prompt_lang is None:
         return

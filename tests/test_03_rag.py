@@ -355,3 +355,14 @@ def test_bad_question_set_is_a_user_error(tmp_path, line, msg):
     p.write_text(line + "\n", encoding="utf-8")
     with pytest.raises(ret.UserError, match=msg):
         ret.load_questions(p)
+
+
+@pytest.mark.slow
+def test_chinese_set_with_the_local_model_evaluates_retrieval_but_does_not_generate(lesson_runs):
+    r = lesson_runs.run("03_hands_on_rag.py", "--quick", "--lang", "zh", timeout=300)
+    assert r.returncode == 0, r.explain()
+    res = r.results("03_hands_on_rag")
+    assert res["n_questions"] == 41 and set(res["retrieval"]) == {"bm25", "dense", "hybrid"}
+    assert "不生成回答" in r.stdout and "demo" not in res and "answer_eval" not in res
+    f = res["findings"]["hybrid_recall@3_ge_0.9"]
+    assert f["holds"] == (res["retrieval"]["hybrid"]["recall@3"] >= 0.9)
