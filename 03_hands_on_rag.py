@@ -188,13 +188,13 @@ def retrieval_findings(table: dict, lang: str, embedder: str) -> dict:
         text = (f"hybrid 的 recall@3 = {h:.3f}，低于 {best_name} 的 {best:.3f}，和预期相反：RRF 只看名次，"
                 f"只被一路检索排进前 3 的块，会被两路都排得中等的块挤出前 3。")
     top = max(table, key=lambda m: table[m]["mrr@10"])
-    text += f" MRR@10 最高的是 {top}（{table[top]['mrr@10']:.3f}）。"
+    text += f"MRR@10 最高的是 {top}（{table[top]['mrr@10']:.3f}）。"
     good = h >= 0.9
     text2 = f"hybrid 的 recall@3 = {h:.3f}，{'达到' if good else '没达到'} 0.9。"
     if not good and lang == "zh" and "MiniLM" in embedder:
-        text2 += f" 可能的原因：{embedder} 是英文嵌入模型，读不懂中文（dense 的 recall@3 只有 {d:.3f}）。"
+        text2 += f"可能的原因：{embedder} 是英文嵌入模型，读不懂中文（dense 的 recall@3 只有 {d:.3f}）。"
     elif not good:
-        text2 += " 可能的原因：问题的说法和文档差得远，或块大小不合适——试试 --chunk-size 和另一种 --retriever。"
+        text2 += "可能的原因：问题的说法和文档差得远，或块大小不合适——试试 --chunk-size 和另一种 --retriever。"
     return {"hybrid_recall@3_ge_each_single": {"holds": h >= best, "hybrid": h, "bm25": b, "dense": d, "text": text},
             "hybrid_recall@3_ge_0.9": {"holds": good, "hybrid": h, "text": text2}}
 
