@@ -232,9 +232,10 @@ def embedder_name(embedder) -> str:
 
 
 def index_cache_dir() -> Path:
-    """Where chunk vectors are cached: <user cache>/rag_index (shared by every lesson that indexes)."""
-    from common.outputs import cache_dir
-    return cache_dir("rag_index")
+    """Where chunk vectors are cached: outputs/rag_index/ (under $LLM_COURSE_OUTPUTS if set, as in tests),
+    shared by every lesson that indexes; safe to delete."""
+    from common.outputs import output_root
+    return output_root() / "rag_index"
 
 
 def dense_index(chunks: list[Chunk], docs: list[Doc], embedder, chunk_size: int, overlap: int,

@@ -270,11 +270,16 @@ def small_docs(tmp_path) -> Path:
     return d
 
 
-def test_json_output_schema(small_docs, script_env):
-    p = _run(["--docs", str(small_docs), "--question", "When is lunch served?", "--json", "--backend", "local",
-              "--retrieve-k", "2", "--chunk-size", "32", "--overlap", "8"], script_env)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)  # stdout holds the JSON and nothing else
+def _json_main(args, tmp_path, monkeypatch, capsys) -> dict:
+    """Run the lesson's main in this process (the embedder loads once per test session)."""
+    monkeypatch.setenv("LLM_COURSE_OUTPUTS", str(tmp_path / "outputs"))  # the vector cache goes there
+    assert rag.main([*args, "--json", "--backend", "local"]) == 0
+    return json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+
+
+def test_json_output_schema(small_docs, tmp_path, monkeypatch, capsys):
+    out = _json_main(["--docs", str(small_docs), "--question", "When is lunch served?",
+                      "--retrieve-k", "2", "--chunk-size", "32", "--overlap", "8"], tmp_path, monkeypatch, capsys)
     for key in ("question", "retriever", "retrieve_k", "chunk_size", "overlap", "embedder", "n_chunks", "hits"):
         assert key in out
     assert out["retriever"] == "hybrid" and len(out["hits"]) == 2
@@ -286,11 +291,9 @@ def test_json_output_schema(small_docs, script_env):
     assert {"bm25", "cosine"} <= set(top["scores"])
 
 
-def test_question_matching_nothing(small_docs, script_env):
-    p = _run(["--docs", str(small_docs), "--question", "zzqx vvrp", "--json", "--backend", "local",
-              "--retriever", "bm25"], script_env)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+def test_question_matching_nothing(small_docs, tmp_path, monkeypatch, capsys):
+    out = _json_main(["--docs", str(small_docs), "--question", "zzqx vvrp", "--retriever", "bm25"],
+                     tmp_path, monkeypatch, capsys)
     assert out["hits"] == [] and "找不到" in out["message"]
 
 
