@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -186,15 +185,12 @@ def test_429_mentions_rate_limit_and_retries_are_bounded(server):
     server.mode = "429"
     client = api_client(server)
     assert 0 <= client.max_retries <= 2, "tests and lessons need a small retry budget"
-    t0 = time.perf_counter()
     with pytest.raises(LLMError) as ei:
         client.chat(PROMPT)
-    elapsed = time.perf_counter() - t0
     msg = assert_clean_llm_error(ei.value)
     assert "限流" in msg or "频率" in msg
     assert "429" in msg
     assert len(chat_requests(server)) == client.max_retries + 1
-    assert elapsed < 5.0
 
 
 def test_dropped_connection_mid_stream_raises_clean_error(server):
@@ -217,17 +213,16 @@ def test_dropped_connection_in_embeddings_raises_clean_error(server):
     assert_clean_llm_error(ei.value)
 
 
-def test_timeout_raises_clean_error_quickly(server):
+def test_timeout_raises_clean_error(server):
+    # The server answers after 3 s, the client gives up after 0.3 s: if the timeout were not applied,
+    # the reply would arrive and no error would be raised. (Stopping the server cuts its wait short.)
     server.mode = "slow"
-    server.slow_seconds = 10.0
+    server.slow_seconds = 3.0
     client = api_client(server, timeout=0.3)
-    t0 = time.perf_counter()
     with pytest.raises(LLMError) as ei:
         list(client.chat_stream(PROMPT))
-    elapsed = time.perf_counter() - t0
     msg = assert_clean_llm_error(ei.value)
     assert "超时" in msg
-    assert elapsed < 5.0, f"timeout took {elapsed:.1f}s"
 
 
 # ---------------------------------------------------------------------------
@@ -288,9 +283,7 @@ def test_auto_picks_local_when_server_is_down(monkeypatch):
     url = f"http://127.0.0.1:{port}/v1"
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    t0 = time.perf_counter()
     client = LLMClient(verbose=False)
-    assert time.perf_counter() - t0 < 5.0
     assert client.backend == "local"
     assert CHINESE.search(client.reason)
     assert url in client.reason and "连不上" in client.reason  # says why
