@@ -266,17 +266,8 @@ class LLMClient:
         return self._embedder.embed(list(texts))
 
 
-def add_client_args(parser) -> None:
-    """--backend / --model / --base-url / --dtype, shared by the lessons."""
-    g = parser.add_argument_group("模型后端")
-    g.add_argument("--backend", choices=BACKENDS, default=os.environ.get("LLM_BACKEND", "auto"),
-                   help="auto：有 API 配置且能连通就用 API，否则本地模型（默认）；openai；local")
-    g.add_argument("--model", default=None, help="API 模型名（默认读 OPENAI_MODEL；Ollama 例：qwen2.5:0.5b）")
-    g.add_argument("--base-url", default=None, help="OpenAI 兼容服务地址（默认读 OPENAI_BASE_URL）")
-    g.add_argument("--dtype", choices=("fp32", "int8"), default=None,
-                   help="本地模型精度：fp32（默认，参考实现）或 int8（仅 CPU，更快但是近似，见 benchmarks/local_model_speed.py）")
-
-
 def client_from_args(args, verbose: bool = True) -> LLMClient:
+    """The client for a lesson's parsed flags (common/cli.py's "backend" and "local" groups:
+    args.backend, args.model, args.base_url, args.dtype)."""
     return LLMClient(backend=args.backend, model=args.model, base_url=args.base_url, verbose=verbose,
                      local_dtype=getattr(args, "dtype", None))

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so plain `pytest` works too, not only `python -m pytest`
     sys.path.insert(0, str(REPO))
 
-from common.client import LLMClient, LLMError
+from common.client import LLMClient, LLMError, client_from_args
 from common.errors import UserError
 from tests.openai_test_server import (
     CHAT_MODEL,
@@ -143,6 +143,18 @@ def test_environment_variables_configure_the_openai_backend(server, monkeypatch)
     req = chat_requests(server)[-1]
     assert req["json"]["model"] == "env-model"
     assert req["headers"]["authorization"] == f"Bearer {KEY}"
+
+
+def test_client_from_parsed_flags(server, monkeypatch):
+    """What the lessons call with common/cli.py's parsed flags (--backend --model --base-url --dtype)."""
+    import argparse
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    args = argparse.Namespace(backend="openai", model="flag-model", base_url=server.base_url, dtype="int8")
+    client = client_from_args(args, verbose=False)
+    assert client.local_dtype == "int8"
+    assert client.chat("from flags") == "Echo: from flags"
+    assert chat_requests(server)[-1]["json"]["model"] == "flag-model"
 
 
 # ---------------------------------------------------------------------------
