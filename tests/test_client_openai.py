@@ -205,6 +205,14 @@ def test_429_mentions_rate_limit_and_retries_are_bounded(server):
     assert len(chat_requests(server)) == client.max_retries + 1
 
 
+def test_server_error_shows_the_status_and_the_servers_words(server):
+    server.mode = "500"
+    with pytest.raises(LLMError) as ei:
+        api_client(server).chat(PROMPT)
+    msg = assert_clean_llm_error(ei.value)
+    assert msg.startswith("服务器返回错误 500：") and "server had an error" in msg and "Error code" not in msg
+
+
 def test_dropped_connection_mid_stream_raises_clean_error(server):
     server.mode = "drop"
     client = api_client(server)
