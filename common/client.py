@@ -265,7 +265,5 @@ class LLMClient:
 
 
 def client_from_args(args, verbose: bool = True) -> LLMClient:
-    """The client for a lesson's parsed flags (common/cli.py's "backend" and "local" groups:
-    args.backend, args.model, args.base_url, args.dtype)."""
     return LLMClient(backend=args.backend, model=args.model, base_url=args.base_url, verbose=verbose,
                      local_dtype=getattr(args, "dtype", None))

@@ -164,6 +164,7 @@ def test_public_helpers_follow_the_same_order(tmp_path, monkeypatch):
     assert model_files.find_model_file(f) == f
     monkeypatch.setenv("SMOLLM_GGUF", str(f))
     assert model_files.find_model_file() == f
+    assert model_files.locate_quietly() == (f, "ok")
     d = tmp_path / "minilm"
     _write(d, {rel: b"x" for rel in embeddings.WHEEL.files})
     monkeypatch.setenv("LLM_EMBED_MODEL_DIR", str(d))
