@@ -64,24 +64,22 @@ def explain_api_error(e: Exception, base_url: str, model: str, key: str | None) 
     import openai
 
     where = base_url or "https://api.openai.com/v1"
-    if isinstance(e, openai.AuthenticationError):
-        msg = f"API key 无效或未被 {where} 接受（401）：请检查 OPENAI_API_KEY 是否正确、是否属于这个服务商。"
-    elif isinstance(e, openai.PermissionDeniedError):
-        msg = f"没有权限（403）：这个 key 不能使用模型 {model}，或所在地区不受支持。"
-    elif isinstance(e, openai.NotFoundError):
-        msg = f"找不到（404）：服务器上没有模型 {model!r} 或地址不对；用 --model 指定正确的模型名，检查 OPENAI_BASE_URL（通常以 /v1 结尾）。"
-    elif isinstance(e, openai.RateLimitError):
-        msg = "请求被限流或额度不足（429 rate limit）：请稍等再试，或检查账户余额/配额。"
-    elif isinstance(e, openai.APITimeoutError):
-        msg = f"请求超时：{where} 没有及时回应。检查网络/代理，或改用 --backend local。"
-    elif isinstance(e, openai.APIConnectionError):
-        msg = f"连不上 {where}：检查网络、代理和 OPENAI_BASE_URL，本地服务（如 Ollama）是否已启动；或改用 --backend local。"
-    elif isinstance(e, openai.BadRequestError):
-        msg = f"请求被服务器拒绝（400）：{_redact(str(getattr(e, 'message', e)), key)[:160]}"
-    elif isinstance(e, openai.APIStatusError):
+    fixed = (  # first match wins: APITimeoutError is a kind of APIConnectionError
+        (openai.AuthenticationError, f"API key 无效或未被 {where} 接受（401）：请检查 OPENAI_API_KEY 是否正确、是否属于这个服务商。"),
+        (openai.PermissionDeniedError, f"没有权限（403）：这个 key 不能使用模型 {model}，或所在地区不受支持。"),
+        (openai.NotFoundError, f"找不到（404）：服务器上没有模型 {model!r} 或地址不对；用 --model 指定正确的模型名，"
+                               "检查 OPENAI_BASE_URL（通常以 /v1 结尾）。"),
+        (openai.RateLimitError, "请求被限流或额度不足（429 rate limit）：请稍等再试，或检查账户余额/配额。"),
+        (openai.APITimeoutError, f"请求超时：{where} 没有及时回应。检查网络/代理，或改用 --backend local。"),
+        (openai.APIConnectionError, f"连不上 {where}：检查网络、代理和 OPENAI_BASE_URL，本地服务（如 Ollama）是否已启动；"
+                                    "或改用 --backend local。"),
+    )
+    msg = next((text for cls, text in fixed if isinstance(e, cls)), None)
+    if msg is None and isinstance(e, openai.APIStatusError):  # other HTTP errors: show the server's words
         detail = re.sub(r"^Error code: \d+ - ", "", str(getattr(e, "message", e)))
-        msg = f"服务器返回错误 {e.status_code}：{_redact(detail, key)[:160]}"
-    else:
+        what = "请求被服务器拒绝（400）" if isinstance(e, openai.BadRequestError) else f"服务器返回错误 {e.status_code}"
+        msg = f"{what}：{_redact(detail, key)[:160]}"
+    elif msg is None:
         msg = f"与 API 通信时出错（{type(e).__name__}）：连接可能中途断开，请重试或改用 --backend local。"
     return LLMError(_redact(msg, key))
 
@@ -264,17 +262,6 @@ class LLMClient:
             from common.embeddings import load_local_embedder
             self._embedder = load_local_embedder()
         return self._embedder.embed(list(texts))
-
-
-def add_client_args(parser) -> None:
-    """--backend / --model / --base-url / --dtype, shared by the lessons."""
-    g = parser.add_argument_group("模型后端")
-    g.add_argument("--backend", choices=BACKENDS, default=os.environ.get("LLM_BACKEND", "auto"),
-                   help="auto：有 API 配置且能连通就用 API，否则本地模型（默认）；openai；local")
-    g.add_argument("--model", default=None, help="API 模型名（默认读 OPENAI_MODEL；Ollama 例：qwen2.5:0.5b）")
-    g.add_argument("--base-url", default=None, help="OpenAI 兼容服务地址（默认读 OPENAI_BASE_URL）")
-    g.add_argument("--dtype", choices=("fp32", "int8"), default=None,
-                   help="本地模型精度：fp32（默认，参考实现）或 int8（仅 CPU，更快但是近似，见 benchmarks/local_model_speed.py）")
 
 
 def client_from_args(args, verbose: bool = True) -> LLMClient:

@@ -1,5 +1,6 @@
 """Our plain-torch Llama vs an independent implementation: Hugging Face transformers loading the
-same GGUF file (gguf_file=...). transformers is a test-only dependency (requirements-dev.txt)."""
+same GGUF file (gguf_file=...). transformers is a test-only dependency (requirements-dev.txt).
+The tests that use it are marked slow (importing transformers and building its model takes ~10-20 s)."""
 from __future__ import annotations
 
 import warnings
@@ -32,6 +33,7 @@ def _chat_ids(tok, prompt):
     return torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logits_match_transformers(local_fp32, reference, prompt):
     ids = _chat_ids(local_fp32.tokenizer, prompt)
@@ -44,6 +46,29 @@ def test_logits_match_transformers(local_fp32, reference, prompt):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_transformers(local_fp32, reference, side):
+    """The three prompts in one padded batch with an attention mask: our logits at every real position
+    equal transformers' for the same batch (given the same mask and true positions)."""
+    prompts = [_chat_ids(local_fp32.tokenizer, p)[0] for p in PROMPTS]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        s = T - len(p) if side == "left" else 0
+        ids[i, s:s + len(p)], mask[i, s:s + len(p)] = p, 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = local_fp32.model(ids, attention_mask=mask)
+        ref = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    diff = (ours[real] - ref[real]).abs().max().item()
+    assert diff < LOGIT_ATOL, f"max |logit diff| = {diff}"
+    assert torch.equal(ours[real].argmax(-1), ref[real].argmax(-1))
+
+
+@pytest.mark.slow
 def test_greedy_continuation_matches_transformers(local_fp32, reference):
     tok = local_fp32.tokenizer
     for prompt in PROMPTS:
@@ -61,6 +86,7 @@ def test_answers_a_simple_question(local_fp32):
     assert "Paris" in tok.decode(local_fp32.generate(ids, 16))
 
 
+@pytest.mark.slow  # loads a second copy of the model (int8) and runs both: seconds, not needed while editing
 def test_int8_is_a_bounded_approximation(local_fp32):
     """int8 (SmoothQuant + dynamic quantization) is opt-in and approximate; check it stays within
     the bounds measured when it was built: mean KL(fp32 || int8) 0.24-0.33 nats and top-1 agreement

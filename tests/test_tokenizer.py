@@ -71,6 +71,7 @@ def test_ids_match_tokenizers_reference(tokenizer, hf_tokenizers_ref, text):
     assert tokenizer.encode(text) == hf_tokenizers_ref.encode(text).ids
 
 
+@pytest.mark.slow  # imports transformers
 def test_ids_match_transformers_gguf_tokenizer(tokenizer, hf_transformers_ref):
     checked = 0
     for text in TEXTS + _random_texts(seed=1, digits=False):
@@ -83,6 +84,7 @@ def test_ids_match_transformers_gguf_tokenizer(tokenizer, hf_transformers_ref):
     assert checked > 20
 
 
+@pytest.mark.slow  # imports transformers
 def test_chat_template_matches_transformers(tokenizer, hf_transformers_ref):
     for messages in ([{"role": "user", "content": "Hi there"}],
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"},
