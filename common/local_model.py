@@ -40,7 +40,7 @@ def _gguf_name_to_ours(name: str) -> str | None:
         return "embed.weight"
     if name == "output_norm.weight":
         return "norm.weight"
-    if name == "output.weight":  # not present in SmolLM2 (tied), kept for other Llama GGUFs
+    if name == "output.weight":  # not present in SmolLM2 (tied); Qwen2.5-0.5B's GGUF has its own
         return "lm_head.weight"
     parts = name.split(".")
     if parts[0] != "blk":
@@ -50,14 +50,19 @@ def _gguf_name_to_ours(name: str) -> str | None:
         "attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "mlp_norm.weight",
         "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight",
         "attn_v.weight": "attn.v_proj.weight", "attn_output.weight": "attn.o_proj.weight",
+        "attn_q.bias": "attn.q_proj.bias", "attn_k.bias": "attn.k_proj.bias",      # Qwen2 only
+        "attn_v.bias": "attn.v_proj.bias",
         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
         "ffn_down.weight": "mlp.down_proj.weight",
     }
     return f"layers.{i}.{table[rest]}" if rest in table else None
 
 
+ARCHITECTURES = ("llama", "qwen2")
+
+
 def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Read config and dequantized float32 weights from a llama-architecture GGUF file."""
+    """Read config and dequantized float32 weights from a llama- or qwen2-architecture GGUF file."""
     import gguf
     import numpy as np
 
@@ -67,18 +72,23 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     def val(key, default=None):
         return f[key].contents() if key in f else default
 
-    if val("general.architecture") != "llama":
-        raise UserError(f"{path.name} 不是 llama 架构的 GGUF 文件，本课程的实现只支持 llama。")
+    arch = val("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path.name} 的架构是 {arch!r}：本课程的实现只支持 llama 和 qwen2。")
+    names = {t.name for t in reader.tensors}
     cfg = LlamaConfig(
         vocab_size=len(f["tokenizer.ggml.tokens"].data),
-        dim=int(val("llama.embedding_length")),
-        n_layers=int(val("llama.block_count")),
-        n_heads=int(val("llama.attention.head_count")),
-        n_kv_heads=int(val("llama.attention.head_count_kv")),
-        ffn_dim=int(val("llama.feed_forward_length")),
-        rope_base=float(val("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(val("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_seq_len=int(val("llama.context_length", 2048)),
+        dim=int(val(f"{arch}.embedding_length")),
+        n_layers=int(val(f"{arch}.block_count")),
+        n_heads=int(val(f"{arch}.attention.head_count")),
+        n_kv_heads=int(val(f"{arch}.attention.head_count_kv")),
+        ffn_dim=int(val(f"{arch}.feed_forward_length")),
+        rope_base=float(val(f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(val(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(val(f"{arch}.context_length", 2048)),
+        qkv_bias="blk.0.attn_q.bias" in names,
+        rope_pairs=(arch == "llama"),       # llama.cpp permutes llama's Q/K rows; qwen2 keeps the halves layout
+        tie_embeddings="output.weight" not in names,
     )
     weights = {}
     for t in reader.tensors:
@@ -178,19 +188,21 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtyp
     state = dict(weights)
     state.setdefault("lm_head.weight", state["embed.weight"])
     model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.embed.weight if "lm_head.weight" not in weights else model.lm_head.weight
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     from common.llama import rope_tables
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
     model.rope_cos, model.rope_sin = cos, sin
     model.eval().requires_grad_(False)
     model = model.to(device)
-    if dtype == "fp32" and device.type == "cpu" and model.lm_head.weight is model.embed.weight:
+    if dtype == "fp32" and device.type == "cpu":
         # Same values and shape [vocab, dim], stored column-major. For one new token the LM head is a
         # matrix-vector product over 113 MB; PyTorch's CPU kernel streams this layout about 2x faster
         # (benchmarks/lm_head_layout.py: 5.1 ms vs 10.4 ms on 2 cores), ~10% of a cached decoding step.
-        w = torch.nn.Parameter(model.embed.weight.detach().t().contiguous().t(), requires_grad=False)
-        model.embed.weight = w
+        w = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t(), requires_grad=False)
         model.lm_head.weight = w
+        if cfg.tie_embeddings:
+            model.embed.weight = w
     if dtype == "int8":
         if device.type != "cpu":
             raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32。")
@@ -214,7 +226,8 @@ def _int8_skeleton(cfg: LlamaConfig) -> Llama:
     def swap(mod: torch.nn.Module) -> None:
         for name, child in mod.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(mod, name, nnqd.Linear(child.in_features, child.out_features, bias_=False, dtype=torch.qint8))
+                setattr(mod, name, nnqd.Linear(child.in_features, child.out_features, bias_=child.bias is not None,
+                                               dtype=torch.qint8))
             else:
                 swap(child)
 
