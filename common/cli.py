@@ -7,11 +7,13 @@ and every bad flag turned into one Chinese line (exit 2) instead of argparse's E
 
 Shared flags (one name, one meaning, in every lesson that has them):
   --backend --model --base-url   which LLM answers (group "backend"; see common/client.py)
+  --local-model --model-file     which local model (smollm2 | qwen0.5b) and an optional explicit GGUF (group "local")
   --dtype --device --threads     how the local model runs (group "local"; --device/--threads alone: "device")
   --seed --quick --out-dir       every lesson
   --max-new-tokens               how many new tokens to generate (add_max_new_tokens)
 Each default is resolved here, flag > environment variable > built-in default:
   --backend  LLM_BACKEND (auto)     --dtype  LLM_COURSE_DTYPE (fp32)     --device  LLM_COURSE_DEVICE (auto)
+  --local-model  LLM_LOCAL_MODEL (smollm2)
   --threads  LLM_COURSE_THREADS (all cores torch sees)     --out-dir  outputs/<lesson>/ (LLM_COURSE_OUTPUTS root)
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from common.outputs import output_root
 BACKENDS = ("auto", "openai", "local")
 DTYPES = ("fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LOCAL_MODEL_KEYS = ("smollm2", "qwen0.5b")   # common/model_files.py LOCAL_MODELS
 GROUPS = ("backend", "local", "device")
 
 
@@ -214,6 +217,11 @@ def course_parser(lesson: str, description: str | None, groups=("local",), seed:
     if "local" in groups or "device" in groups:
         d = p.add_argument_group("本地计算")
         if "local" in groups:
+            d.add_argument("--local-model", choices=LOCAL_MODEL_KEYS, default=None,
+                           help="本地模型：smollm2（135M，只懂英文，默认）或 qwen0.5b（Qwen2.5-Coder-0.5B，中英文，"
+                                "首次使用多下载约 478 MB）（默认读 LLM_LOCAL_MODEL）")
+            d.add_argument("--model-file", type=existing_file, default=None,
+                           help="本地模型的 GGUF 文件路径（例如从 ModelScope 下载的官方文件；默认自动查找/下载）")
             d.add_argument("--dtype", choices=DTYPES, default=None,
                            help="本地模型推理精度：fp32（参考实现）或 int8（仅 CPU，更快但是近似）（默认读 LLM_COURSE_DTYPE，否则 fp32）")
         d.add_argument("--device", choices=DEVICES, default=None,
@@ -242,6 +250,8 @@ def resolve_defaults(args: argparse.Namespace, lesson: str) -> argparse.Namespac
         args.backend = args.backend or _env_choice("LLM_BACKEND", BACKENDS, "auto")
     if hasattr(args, "dtype"):
         args.dtype = args.dtype or _env_choice("LLM_COURSE_DTYPE", DTYPES, "fp32")
+    if hasattr(args, "local_model"):
+        args.local_model = args.local_model or _env_choice("LLM_LOCAL_MODEL", LOCAL_MODEL_KEYS, "smollm2")
     if hasattr(args, "device"):
         args.device = args.device or _env_choice("LLM_COURSE_DEVICE", DEVICES, "auto")
     if hasattr(args, "threads") and args.threads is None:

@@ -1,4 +1,5 @@
-"""Load SmolLM2-135M-Instruct from its GGUF file into the plain-torch Llama, and generate with it.
+"""Load a local model (SmolLM2-135M-Instruct, or Qwen2.5-0.5B with --local-model qwen0.5b) from its GGUF
+file into the plain-torch Llama of common/llama.py, and generate with it.
 
 Loading: the GGUF stores quantized matrices (Q4_1/Q8_0); the ``gguf`` package dequantizes them to
 float arrays. That takes ~5 s, so the float32 weights are cached once as a safetensors file in the
@@ -27,7 +28,7 @@ import torch
 from common.device import get_device
 from common.errors import UserError
 from common.llama import Llama, LlamaConfig
-from common.model_files import find_model_file
+from common.model_files import LOCAL_MODELS, find_model_file, resolve_local_model
 from common.outputs import cache_dir
 from common.generate import generate
 from common.tokenizer import ChatTokenizer, load_tokenizer
@@ -265,14 +266,17 @@ def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Ten
 class LocalModel:
     """The local model and its tokenizer, plus a generate() helper."""
 
-    def __init__(self, model: Llama, tokenizer: ChatTokenizer, path: Path, device, dtype: str, load_seconds: float):
+    def __init__(self, model: Llama, tokenizer: ChatTokenizer, path: Path, device, dtype: str, load_seconds: float,
+                 key: str = "smollm2"):
+        self.key = key                      # "smollm2" | "qwen0.5b"
+        self.info = LOCAL_MODELS[key]
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
-        self.name = f"SmolLM2-135M-Instruct ({dtype}, local)"
+        self.name = f"{self.info.name} ({dtype}, local)"
 
     @property
     def config(self) -> LlamaConfig:
@@ -292,21 +296,32 @@ _LOADED: dict[tuple, LocalModel] = {}
 
 
 def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = None, device=None,
-                     verbose: bool = True) -> LocalModel:
-    """Load (once per process) SmolLM2-135M-Instruct. dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
+                     verbose: bool = True, model: str | None = None) -> LocalModel:
+    """Load (once per process) a local model.
+
+    model: smollm2 (default) | qwen0.5b, else $LLM_LOCAL_MODEL; path: an explicit GGUF file of that model;
+    dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
+    key = resolve_local_model(model)
     dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
     device = get_device() if device is None else torch.device(device)
-    gguf_path = find_model_file(path)
-    key = (str(gguf_path), dtype, str(device))
-    if key in _LOADED:
-        return _LOADED[key]
+    gguf_path = find_model_file(path, model=key)
+    cache_key = (str(gguf_path), dtype, str(device))
+    if cache_key in _LOADED:
+        return _LOADED[cache_key]
     t0 = time.perf_counter()
     cfg, weights = _cached_weights(gguf_path, verbose)
-    if dtype == "int8" and device.type == "cpu":
-        model = _load_int8_cached(gguf_path, cfg, weights)
-    else:
-        model = build_model(cfg, weights, device, dtype, load_tokenizer(gguf_path))
     tok = load_tokenizer(gguf_path)
-    lm = LocalModel(model, tok, gguf_path, device, dtype, time.perf_counter() - t0)
-    _LOADED[key] = lm
+    if dtype == "int8" and device.type == "cpu":
+        model_ = _load_int8_cached(gguf_path, cfg, weights)
+    else:
+        model_ = build_model(cfg, weights, device, dtype, tok)
+    lm = LocalModel(model_, tok, gguf_path, device, dtype, time.perf_counter() - t0, key)
+    _LOADED[cache_key] = lm
     return lm
+
+
+def load_from_args(args, verbose: bool = True) -> LocalModel:
+    """The local model a lesson's flags ask for (--local-model, --model-file, --dtype, --device)."""
+    return load_local_model(getattr(args, "model_file", None), getattr(args, "dtype", None),
+                            get_device(getattr(args, "device", None) or "auto"), verbose,
+                            getattr(args, "local_model", None))
