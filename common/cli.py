@@ -30,7 +30,7 @@ BACKENDS = ("auto", "openai", "local")
 DTYPES = ("fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOCAL_MODEL_KEYS = ("smollm2", "qwen0.5b")   # common/model_files.py LOCAL_MODELS
-GROUPS = ("backend", "local", "device")
+GROUPS = ("backend", "local", "model", "device")
 
 
 # ------------------------------------------------------------------ value types (Chinese messages)
@@ -197,7 +197,8 @@ class CourseArgumentParser(argparse.ArgumentParser):
 
 
 def course_parser(lesson: str, description: str | None, groups=("local",), seed: bool = True) -> CourseArgumentParser:
-    """A parser with the shared flags. groups: any of "backend", "local" (dtype+device+threads), "device"."""
+    """A parser with the shared flags. groups: any of "backend", "local" (local model + dtype + device + threads),
+    "model" (local model + device + threads, no dtype: e.g. training lessons), "device" (device + threads)."""
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown flag groups {unknown}")
@@ -214,14 +215,15 @@ def course_parser(lesson: str, description: str | None, groups=("local",), seed:
                        help="auto：配置了 API 且能连通就用 API，否则用本地模型；openai；local（默认读 LLM_BACKEND，否则 auto）")
         b.add_argument("--model", default=None, help="API 模型名（默认读 OPENAI_MODEL；Ollama 例：qwen2.5:0.5b）")
         b.add_argument("--base-url", default=None, help="OpenAI 兼容服务地址（默认读 OPENAI_BASE_URL）")
-    if "local" in groups or "device" in groups:
+    if groups and set(groups) & {"local", "model", "device"}:
         d = p.add_argument_group("本地计算")
-        if "local" in groups:
+        if "local" in groups or "model" in groups:
             d.add_argument("--local-model", choices=LOCAL_MODEL_KEYS, default=None,
-                           help="本地模型：smollm2（135M，只懂英文，默认）或 qwen0.5b（Qwen2.5-Coder-0.5B，中英文，"
-                                "首次使用多下载约 478 MB）（默认读 LLM_LOCAL_MODEL）")
+                           help="本地模型：smollm2（135M，只懂英文）或 qwen0.5b（Qwen2.5-Coder-0.5B，中英文，"
+                                "首次使用多下载约 478 MB）（默认读 LLM_LOCAL_MODEL，否则 smollm2）")
             d.add_argument("--model-file", type=existing_file, default=None,
                            help="本地模型的 GGUF 文件路径（例如从 ModelScope 下载的官方文件；默认自动查找/下载）")
+        if "local" in groups:
             d.add_argument("--dtype", choices=DTYPES, default=None,
                            help="本地模型推理精度：fp32（参考实现）或 int8（仅 CPU，更快但是近似）（默认读 LLM_COURSE_DTYPE，否则 fp32）")
         d.add_argument("--device", choices=DEVICES, default=None,
