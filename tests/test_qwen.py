@@ -154,8 +154,12 @@ def qwen_reference(qwen):
 def test_qwen_tokenizer_matches_reference(qwen, qwen_reference):
     _, ref = qwen_reference
     for text in TEXTS + _random_texts():
-        assert qwen.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False), repr(text)
-        assert qwen.tokenizer.decode(qwen.tokenizer.encode(text)) == text
+        ours = qwen.tokenizer.encode(text)
+        assert qwen.tokenizer.decode(ours) == text
+        if "<|" in text:  # our encode() treats special-token strings as plain text; the reference parses them
+            assert qwen.tokenizer.im_start not in ours
+            continue
+        assert ours == ref.encode(text, add_special_tokens=False), repr(text)
     msgs = [{"role": "user", "content": PROMPTS[1]}]
     assert qwen.tokenizer.apply_chat_template(msgs) == list(
         ref.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False))
