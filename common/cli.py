@@ -168,9 +168,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "默认" not in text \
-                and action.option_strings and not isinstance(action.default, bool):
-            default = action.default
+        default = action.default
+        if default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool) \
+                and "默认" not in text and action.option_strings:
             if isinstance(default, (list, tuple)):
                 default = ",".join(map(str, default))
             text += f"（默认 {default}）"
