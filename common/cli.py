@@ -7,11 +7,13 @@ and every bad flag turned into one Chinese line (exit 2) instead of argparse's E
 
 Shared flags (one name, one meaning, in every lesson that has them):
   --backend --model --base-url   which LLM answers (group "backend"; see common/client.py)
+  --local-model --model-file     which local model (smollm2 | qwen0.5b) and an optional explicit GGUF (group "local")
   --dtype --device --threads     how the local model runs (group "local"; --device/--threads alone: "device")
   --seed --quick --out-dir       every lesson
   --max-new-tokens               how many new tokens to generate (add_max_new_tokens)
 Each default is resolved here, flag > environment variable > built-in default:
   --backend  LLM_BACKEND (auto)     --dtype  LLM_COURSE_DTYPE (fp32)     --device  LLM_COURSE_DEVICE (auto)
+  --local-model  LLM_LOCAL_MODEL (smollm2)
   --threads  LLM_COURSE_THREADS (all cores torch sees)     --out-dir  outputs/<lesson>/ (LLM_COURSE_OUTPUTS root)
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ from common.outputs import output_root
 BACKENDS = ("auto", "openai", "local")
 DTYPES = ("fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-GROUPS = ("backend", "local", "device")
+LOCAL_MODEL_KEYS = ("smollm2", "qwen0.5b")   # common/model_files.py LOCAL_MODELS
+GROUPS = ("backend", "local", "model", "device")
 
 
 # ------------------------------------------------------------------ value types (Chinese messages)
@@ -165,9 +168,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "默认" not in text \
-                and action.option_strings and not isinstance(action.default, bool):
-            default = action.default
+        default = action.default
+        if default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool) \
+                and "默认" not in text and action.option_strings:
             if isinstance(default, (list, tuple)):
                 default = ",".join(map(str, default))
             text += f"（默认 {default}）"
@@ -194,7 +197,8 @@ class CourseArgumentParser(argparse.ArgumentParser):
 
 
 def course_parser(lesson: str, description: str | None, groups=("local",), seed: bool = True) -> CourseArgumentParser:
-    """A parser with the shared flags. groups: any of "backend", "local" (dtype+device+threads), "device"."""
+    """A parser with the shared flags. groups: any of "backend", "local" (local model + dtype + device + threads),
+    "model" (local model + device + threads, no dtype: e.g. training lessons), "device" (device + threads)."""
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown flag groups {unknown}")
@@ -211,8 +215,14 @@ def course_parser(lesson: str, description: str | None, groups=("local",), seed:
                        help="auto：配置了 API 且能连通就用 API，否则用本地模型；openai；local（默认读 LLM_BACKEND，否则 auto）")
         b.add_argument("--model", default=None, help="API 模型名（默认读 OPENAI_MODEL；Ollama 例：qwen2.5:0.5b）")
         b.add_argument("--base-url", default=None, help="OpenAI 兼容服务地址（默认读 OPENAI_BASE_URL）")
-    if "local" in groups or "device" in groups:
+    if groups and set(groups) & {"local", "model", "device"}:
         d = p.add_argument_group("本地计算")
+        if "local" in groups or "model" in groups:
+            d.add_argument("--local-model", choices=LOCAL_MODEL_KEYS, default=None,
+                           help="本地模型：smollm2（135M，只懂英文）或 qwen0.5b（Qwen2.5-Coder-0.5B，中英文，"
+                                "首次使用多下载约 478 MB）（默认读 LLM_LOCAL_MODEL，否则 smollm2）")
+            d.add_argument("--model-file", type=existing_file, default=None,
+                           help="本地模型的 GGUF 文件路径（例如从 ModelScope 下载的官方文件；默认自动查找/下载）")
         if "local" in groups:
             d.add_argument("--dtype", choices=DTYPES, default=None,
                            help="本地模型推理精度：fp32（参考实现）或 int8（仅 CPU，更快但是近似）（默认读 LLM_COURSE_DTYPE，否则 fp32）")
@@ -242,6 +252,8 @@ def resolve_defaults(args: argparse.Namespace, lesson: str) -> argparse.Namespac
         args.backend = args.backend or _env_choice("LLM_BACKEND", BACKENDS, "auto")
     if hasattr(args, "dtype"):
         args.dtype = args.dtype or _env_choice("LLM_COURSE_DTYPE", DTYPES, "fp32")
+    if hasattr(args, "local_model"):
+        args.local_model = args.local_model or _env_choice("LLM_LOCAL_MODEL", LOCAL_MODEL_KEYS, "smollm2")
     if hasattr(args, "device"):
         args.device = args.device or _env_choice("LLM_COURSE_DEVICE", DEVICES, "auto")
     if hasattr(args, "threads") and args.threads is None:

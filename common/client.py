@@ -87,7 +87,8 @@ def explain_api_error(e: Exception, base_url: str, model: str, key: str | None) 
 class LLMClient:
     def __init__(self, backend: str | None = None, model: str | None = None, base_url: str | None = None,
                  api_key: str | None = None, verbose: bool = True, local_dtype: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 1):
+                 timeout: float = 60.0, max_retries: int = 1, local_model: str | None = None,
+                 model_file: str | None = None, device: str | None = None):
         load_env_file()
         backend = (backend or os.environ.get("LLM_BACKEND") or "auto").lower()
         if backend not in BACKENDS:
@@ -99,6 +100,11 @@ class LLMClient:
         self._model_arg = model or os.environ.get("OPENAI_MODEL") or None
         self.embed_model = os.environ.get("OPENAI_EMBEDDING_MODEL") or DEFAULT_OPENAI_EMBED_MODEL
         self.local_dtype = local_dtype
+        from common.model_files import LOCAL_MODELS, resolve_local_model
+        self.local_key = resolve_local_model(local_model)
+        self.local_info = LOCAL_MODELS[self.local_key]
+        self.model_file = model_file
+        self.device = device
         self.timeout, self.max_retries = timeout, max_retries
         self._oa = None
         self._local = None
@@ -132,7 +138,7 @@ class LLMClient:
 
     def _use_local(self, reason: str) -> None:
         self.backend, self.reason = "local", reason
-        self.model_name = "SmolLM2-135M-Instruct (local)"
+        self.model_name = f"{self.local_info.name} (local)"
 
     def _connect(self, probe: bool) -> None:
         try:
@@ -165,7 +171,9 @@ class LLMClient:
         if self._local is None:
             from common.local_model import load_local_model
             dtype = self.local_dtype or os.environ.get("LLM_COURSE_DTYPE") or "fp32"
-            self._local = load_local_model(dtype=dtype, verbose=self.verbose)
+            from common.device import get_device
+            self._local = load_local_model(self.model_file, dtype=dtype, device=get_device(self.device or "auto"),
+                                           verbose=self.verbose, model=self.local_key)
         return self._local
 
     def _fallback(self, err: LLMError) -> None:
@@ -266,4 +274,5 @@ class LLMClient:
 
 def client_from_args(args, verbose: bool = True) -> LLMClient:
     return LLMClient(backend=args.backend, model=args.model, base_url=args.base_url, verbose=verbose,
-                     local_dtype=getattr(args, "dtype", None))
+                     local_dtype=getattr(args, "dtype", None), local_model=getattr(args, "local_model", None),
+                     model_file=getattr(args, "model_file", None), device=getattr(args, "device", None))

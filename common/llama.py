@@ -38,6 +38,10 @@ class LlamaConfig:
     rope_base: float = 100000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 8192
+    # Qwen2 differs from Llama in three switches (same code otherwise):
+    qkv_bias: bool = False          # Qwen2: biases on the q/k/v projections
+    rope_pairs: bool = True         # GGUF llama: RoPE rotates adjacent pairs; Qwen2 (GGUF "neox"): the two halves
+    tie_embeddings: bool = True     # SmolLM2: LM head = embedding matrix; Qwen2.5-0.5B GGUF: its own output.weight
 
     @property
     def head_dim(self) -> int:
@@ -65,12 +69,18 @@ def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor,
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0,x1), (x2,x3), ... of x [B, H, T, D] by position-dependent angles."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))          # [B, H, T, D/2, 2]
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]           # [B, H, T, D/2] each
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)                  # [B, H, T, D]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool = True) -> torch.Tensor:
+    """Rotate pairs of dims of x [B, H, T, D] by position-dependent angles.
+
+    pairs=True: adjacent pairs (x0,x1), (x2,x3), ... (Llama weights as llama.cpp stores them);
+    pairs=False: dim i with dim i + D/2 (the "halves"/NeoX layout: Qwen2, and Llama in the HF layout)."""
+    if pairs:
+        x_pairs = x.float().unflatten(-1, (-1, 2))      # [B, H, T, D/2, 2]
+        x0, x1 = x_pairs[..., 0], x_pairs[..., 1]       # [B, H, T, D/2] each
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)              # [B, H, T, D]
+    x0, x1 = x.float().chunk(2, dim=-1)                 # [B, H, T, D/2] each
+    return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).to(x.dtype)
 
 
 class KVCache:
@@ -148,9 +158,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
     def forward(self, x, span: Span, layer: int, cache: KVCache | None, return_attn: bool):
@@ -159,7 +169,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
-        q, k = apply_rope(q, span.cos, span.sin), apply_rope(k, span.cos, span.sin)
+        q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
 
         if cache is not None:  # write this step's K/V, then attend over everything so far
             if span.cols is None:
@@ -235,7 +245,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight     # tied: the same matrix reads tokens in and out
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight # tied: the same matrix reads tokens in and out
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -1,4 +1,5 @@
-"""Load SmolLM2-135M-Instruct from its GGUF file into the plain-torch Llama, and generate with it.
+"""Load a local model (SmolLM2-135M-Instruct, or Qwen2.5-0.5B with --local-model qwen0.5b) from its GGUF
+file into the plain-torch Llama of common/llama.py, and generate with it.
 
 Loading: the GGUF stores quantized matrices (Q4_1/Q8_0); the ``gguf`` package dequantizes them to
 float arrays. That takes ~5 s, so the float32 weights are cached once as a safetensors file in the
@@ -27,7 +28,7 @@ import torch
 from common.device import get_device
 from common.errors import UserError
 from common.llama import Llama, LlamaConfig
-from common.model_files import find_model_file
+from common.model_files import LOCAL_MODELS, find_model_file, resolve_local_model
 from common.outputs import cache_dir
 from common.generate import generate
 from common.tokenizer import ChatTokenizer, load_tokenizer
@@ -40,7 +41,7 @@ def _gguf_name_to_ours(name: str) -> str | None:
         return "embed.weight"
     if name == "output_norm.weight":
         return "norm.weight"
-    if name == "output.weight":  # not present in SmolLM2 (tied), kept for other Llama GGUFs
+    if name == "output.weight":  # not present in SmolLM2 (tied); Qwen2.5-0.5B's GGUF has its own
         return "lm_head.weight"
     parts = name.split(".")
     if parts[0] != "blk":
@@ -50,14 +51,19 @@ def _gguf_name_to_ours(name: str) -> str | None:
         "attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "mlp_norm.weight",
         "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight",
         "attn_v.weight": "attn.v_proj.weight", "attn_output.weight": "attn.o_proj.weight",
+        "attn_q.bias": "attn.q_proj.bias", "attn_k.bias": "attn.k_proj.bias",      # Qwen2 only
+        "attn_v.bias": "attn.v_proj.bias",
         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
         "ffn_down.weight": "mlp.down_proj.weight",
     }
     return f"layers.{i}.{table[rest]}" if rest in table else None
 
 
+ARCHITECTURES = ("llama", "qwen2")
+
+
 def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Read config and dequantized float32 weights from a llama-architecture GGUF file."""
+    """Read config and dequantized float32 weights from a llama- or qwen2-architecture GGUF file."""
     import gguf
     import numpy as np
 
@@ -67,18 +73,23 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     def val(key, default=None):
         return f[key].contents() if key in f else default
 
-    if val("general.architecture") != "llama":
-        raise UserError(f"{path.name} 不是 llama 架构的 GGUF 文件，本课程的实现只支持 llama。")
+    arch = val("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path.name} 的架构是 {arch!r}：本课程的实现只支持 llama 和 qwen2。")
+    names = {t.name for t in reader.tensors}
     cfg = LlamaConfig(
         vocab_size=len(f["tokenizer.ggml.tokens"].data),
-        dim=int(val("llama.embedding_length")),
-        n_layers=int(val("llama.block_count")),
-        n_heads=int(val("llama.attention.head_count")),
-        n_kv_heads=int(val("llama.attention.head_count_kv")),
-        ffn_dim=int(val("llama.feed_forward_length")),
-        rope_base=float(val("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(val("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_seq_len=int(val("llama.context_length", 2048)),
+        dim=int(val(f"{arch}.embedding_length")),
+        n_layers=int(val(f"{arch}.block_count")),
+        n_heads=int(val(f"{arch}.attention.head_count")),
+        n_kv_heads=int(val(f"{arch}.attention.head_count_kv")),
+        ffn_dim=int(val(f"{arch}.feed_forward_length")),
+        rope_base=float(val(f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(val(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(val(f"{arch}.context_length", 2048)),
+        qkv_bias="blk.0.attn_q.bias" in names,
+        rope_pairs=(arch == "llama"),       # llama.cpp permutes llama's Q/K rows; qwen2 keeps the halves layout
+        tie_embeddings="output.weight" not in names,
     )
     weights = {}
     for t in reader.tensors:
@@ -178,19 +189,21 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], device, dtyp
     state = dict(weights)
     state.setdefault("lm_head.weight", state["embed.weight"])
     model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.embed.weight if "lm_head.weight" not in weights else model.lm_head.weight
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     from common.llama import rope_tables
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
     model.rope_cos, model.rope_sin = cos, sin
     model.eval().requires_grad_(False)
     model = model.to(device)
-    if dtype == "fp32" and device.type == "cpu" and model.lm_head.weight is model.embed.weight:
+    if dtype == "fp32" and device.type == "cpu":
         # Same values and shape [vocab, dim], stored column-major. For one new token the LM head is a
         # matrix-vector product over 113 MB; PyTorch's CPU kernel streams this layout about 2x faster
         # (benchmarks/lm_head_layout.py: 5.1 ms vs 10.4 ms on 2 cores), ~10% of a cached decoding step.
-        w = torch.nn.Parameter(model.embed.weight.detach().t().contiguous().t(), requires_grad=False)
-        model.embed.weight = w
+        w = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t(), requires_grad=False)
         model.lm_head.weight = w
+        if cfg.tie_embeddings:
+            model.embed.weight = w
     if dtype == "int8":
         if device.type != "cpu":
             raise UserError("int8 动态量化只支持 CPU：请在 GPU 上使用 --dtype fp32。")
@@ -214,7 +227,8 @@ def _int8_skeleton(cfg: LlamaConfig) -> Llama:
     def swap(mod: torch.nn.Module) -> None:
         for name, child in mod.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(mod, name, nnqd.Linear(child.in_features, child.out_features, bias_=False, dtype=torch.qint8))
+                setattr(mod, name, nnqd.Linear(child.in_features, child.out_features, bias_=child.bias is not None,
+                                               dtype=torch.qint8))
             else:
                 swap(child)
 
@@ -252,14 +266,17 @@ def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Ten
 class LocalModel:
     """The local model and its tokenizer, plus a generate() helper."""
 
-    def __init__(self, model: Llama, tokenizer: ChatTokenizer, path: Path, device, dtype: str, load_seconds: float):
+    def __init__(self, model: Llama, tokenizer: ChatTokenizer, path: Path, device, dtype: str, load_seconds: float,
+                 key: str = "smollm2"):
+        self.key = key                      # "smollm2" | "qwen0.5b"
+        self.info = LOCAL_MODELS[key]
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
-        self.name = f"SmolLM2-135M-Instruct ({dtype}, local)"
+        self.name = f"{self.info.name} ({dtype}, local)"
 
     @property
     def config(self) -> LlamaConfig:
@@ -279,21 +296,32 @@ _LOADED: dict[tuple, LocalModel] = {}
 
 
 def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = None, device=None,
-                     verbose: bool = True) -> LocalModel:
-    """Load (once per process) SmolLM2-135M-Instruct. dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
+                     verbose: bool = True, model: str | None = None) -> LocalModel:
+    """Load (once per process) a local model.
+
+    model: smollm2 (default) | qwen0.5b, else $LLM_LOCAL_MODEL; path: an explicit GGUF file of that model;
+    dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
+    key = resolve_local_model(model)
     dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
     device = get_device() if device is None else torch.device(device)
-    gguf_path = find_model_file(path)
-    key = (str(gguf_path), dtype, str(device))
-    if key in _LOADED:
-        return _LOADED[key]
+    gguf_path = find_model_file(path, model=key)
+    cache_key = (str(gguf_path), dtype, str(device))
+    if cache_key in _LOADED:
+        return _LOADED[cache_key]
     t0 = time.perf_counter()
     cfg, weights = _cached_weights(gguf_path, verbose)
-    if dtype == "int8" and device.type == "cpu":
-        model = _load_int8_cached(gguf_path, cfg, weights)
-    else:
-        model = build_model(cfg, weights, device, dtype, load_tokenizer(gguf_path))
     tok = load_tokenizer(gguf_path)
-    lm = LocalModel(model, tok, gguf_path, device, dtype, time.perf_counter() - t0)
-    _LOADED[key] = lm
+    if dtype == "int8" and device.type == "cpu":
+        model_ = _load_int8_cached(gguf_path, cfg, weights)
+    else:
+        model_ = build_model(cfg, weights, device, dtype, tok)
+    lm = LocalModel(model_, tok, gguf_path, device, dtype, time.perf_counter() - t0, key)
+    _LOADED[cache_key] = lm
     return lm
+
+
+def load_from_args(args, verbose: bool = True) -> LocalModel:
+    """The local model a lesson's flags ask for (--local-model, --model-file, --dtype, --device)."""
+    return load_local_model(getattr(args, "model_file", None), getattr(args, "dtype", None),
+                            get_device(getattr(args, "device", None) or "auto"), verbose,
+                            getattr(args, "local_model", None))

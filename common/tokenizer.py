@@ -25,7 +25,19 @@ from common.outputs import cache_dir
 PAT_STR = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 )
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# Qwen2's pre-tokenizer ("qwen2" in llama.cpp): the GPT-4 (cl100k) regex with single digits. Letters may
+# take one leading non-letter (e.g. "(Hello" -> "(Hello"), punctuation runs keep their newlines, and
+# contractions match in any case.
+QWEN2_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+PRE_TOKENIZERS = {"smollm": PAT_STR, "qwen2": QWEN2_PAT_STR}
+# the system message each model's own chat template inserts when a conversation has none
+DEFAULT_SYSTEMS = {
+    "smollm": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "qwen2": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+}
+DEFAULT_SYSTEM = DEFAULT_SYSTEMS["smollm"]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -60,6 +72,7 @@ def read_gguf_vocab(gguf_path: Path) -> dict:
         "token_type": [int(t) for t in f["tokenizer.ggml.token_type"].contents()],
         "eos_token_id": int(f["tokenizer.ggml.eos_token_id"].contents()),
         "bos_token_id": int(f["tokenizer.ggml.bos_token_id"].contents()),
+        "pre": str(f["tokenizer.ggml.pre"].contents()) if "tokenizer.ggml.pre" in f else "smollm",
     }
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -98,23 +111,33 @@ class StreamDecoder:
 
 
 class ChatTokenizer:
-    """tiktoken encoding + SmolLM2's ChatML template."""
+    """tiktoken encoding + the model's ChatML template (SmolLM2 and Qwen2 both use ChatML)."""
 
     def __init__(self, vocab: dict, name: str = "smollm2"):
         byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         ranks: dict[bytes, int] = {}
         special: dict[str, int] = {}
+        pre = vocab.get("pre", "smollm")
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported pre-tokenizer {pre!r}")
         for i, (tok, ttype) in enumerate(zip(vocab["tokens"], vocab["token_type"])):
-            if ttype == 3:  # control / special token
+            if ttype in (3, 4):  # control / user-defined special token (e.g. <|im_start|>, <tool_call>)
                 special[tok] = i
+            elif ttype == 5:     # unused placeholder ([PAD151665] in Qwen2): never produced by encoding
+                continue
             else:
                 ranks[bytes(byte_decoder[ch] for ch in tok)] = i
-        self.enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=special)
+        self.enc = tiktoken.Encoding(name=name, pat_str=PRE_TOKENIZERS[pre], mergeable_ranks=ranks,
+                                     special_tokens=special)
+        self.default_system = DEFAULT_SYSTEMS[pre]
         self.special_tokens = special
         self.n_vocab = len(vocab["tokens"])
         self._id_to_bytes = {i: b for b, i in ranks.items()}
         for s, i in special.items():
             self._id_to_bytes[i] = s.encode("utf-8")
+        for i, (tok, ttype) in enumerate(zip(vocab["tokens"], vocab["token_type"])):
+            if ttype == 5:
+                self._id_to_bytes[i] = b""
         self.im_start = special["<|im_start|>"]
         self.im_end = special["<|im_end|>"]
         self.eos_ids = {self.im_end, special.get("<|endoftext|>", 0), vocab["eos_token_id"]}
@@ -147,7 +170,7 @@ class ChatTokenizer:
         """ChatML, as in the model's own template (which adds a default system message)."""
         ids: list[int] = []
         if default_system and (not messages or messages[0].get("role") != "system"):
-            messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
         nl = self.encode("\n")
         for m in messages:
             ids += [self.im_start] + self.encode(f"{m['role']}\n{m['content']}") + [self.im_end] + nl

