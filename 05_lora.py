@@ -450,11 +450,12 @@ def step_reload_merge_unmerge(a, base, path: Path, probe: torch.Tensor, ref: tor
     reload_equal, reloaded = check_reload_equal(model, probe, ref)
     merge = {**check_merge(model, probe, reloaded), **check_unmerge(model, base)}
     print(f"重新加载后输出与训练时逐位相同：{reload_equal}")
+    why = "不是 0 只因浮点求和顺序不同" if merge["max_abs_logit_diff"] > 0 else "这次恰好是 0"
     print(f"合并 W' = W + (alpha/r)·B·A 后：logits 最大绝对差 {merge['max_abs_logit_diff']:.2e}（容差 "
-          f"{merge['tolerance']:.1e} = 1e-4×最大|logit|；不是 0 只因浮点求和顺序不同），"
-          f"每个位置的 argmax 相同：{merge['argmax_equal']}")
+          f"{merge['tolerance']:.1e} = 1e-4×最大|logit|；{why}），每个位置的 argmax 相同：{merge['argmax_equal']}")
+    err = merge["arithmetic_unmerge_max_err"]
     print(f"拆分：从合并前保存的副本恢复，与原模型权重逐位相同：{merge['unmerge_bitwise_restored']}"
-          f"（若用 W' - ΔW 计算，最大误差 {merge['arithmetic_unmerge_max_err']:.1e}，不是逐位相同）")
+          f"（若用 W' - ΔW 计算，最大误差 {err:.1e}，{'不是逐位相同' if err > 0 else '这次恰好也逐位相同'}）")
     require(reload_equal, "从文件重新加载的适配器，输出与训练结束时不是逐位相同（保存或加载丢了东西）。")
     require(merge["max_abs_logit_diff"] < merge["tolerance"],
             f"合并后 logits 最大差 {merge['max_abs_logit_diff']:.2e} 超过容差 {merge['tolerance']:.1e}（ΔW 算错了）。")
