@@ -1,7 +1,9 @@
-"""Device choice (cuda -> mps -> cpu) and CPU thread settings, in one place."""
+"""Device choice (cuda -> mps -> cpu), CPU thread settings, and two facts about the machine that
+lessons report next to their measurements (is it busy? peak process memory), in one place."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -44,3 +46,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def machine_busy() -> tuple[float, int] | None:
+    """(1-minute load average, CPU count) when the load is at least the number of cores, i.e. other
+    processes compete for the CPU and wall-clock timings are unreliable; None otherwise (or on Windows,
+    which has no load average). Lessons that time things warn once when this is not None."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    return (load, cores) if load >= cores else None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (a high-water mark: it never goes down).
+    None where the resource module does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024     # bytes on macOS, KB on Linux

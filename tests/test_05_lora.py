@@ -1,6 +1,12 @@
-"""Tests for 05_lora.py: LoRA invariants checked against the untouched base model.
+"""Tests for common/lora.py and 05_lora.py.
 
-Uses the real local model (fp32). Each test works on short inputs so the file stays fast.
+* common/lora.py invariants on a tiny random Llama (fast, no model file): zero-init B gives the base
+  outputs bit for bit, merge == unmerged within rounding, unmerge restores W bit for bit, adapters_disabled
+  is exactly the base model, save/load round trip.
+* The lesson's own pieces: answer-only loss against the full-logits cross-entropy, batched greedy scoring
+  against per-prompt generation (real model, short inputs), the training cap, the sentences that interpret
+  the LoRA-vs-full-FT timings, bad flags.
+* Slow: the docs' `--quick` run end to end, and a run whose time cap cuts training short.
 """
 from __future__ import annotations
 
@@ -16,162 +22,246 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import UserError, run_cli
+from common.llama import Llama, LlamaConfig
+from common.lora import TARGETS, adapters_disabled, inject_lora, load_adapter, lora_modules, save_adapter
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "05_lora.py"
-
-
 L5 = importlib.import_module("05_lora")
+ALL = list(TARGETS)
+
+
+# ----------------------------------------------------------------------------- a tiny random Llama
+TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
-def lm(local_fp32):
-    return local_fp32
-
-
-@pytest.fixture(scope="module")
-def probe(lm):
-    """Two held-out prompts of equal length cut to 24 tokens (a batch without padding)."""
-    rows = L5.load_examples(REPO / "data" / "lora" / "eval.json")
-    ids = [L5.prompt_ids(lm.tokenizer, r)[:24] for r in rows[:2]]
-    return torch.tensor(ids)
-
-
-def _wrapped(lm, targets=("q", "k", "v", "o"), rank=4, alpha=8.0):
-    model = copy.deepcopy(lm.model)
-    L5.inject_lora(model, list(targets), rank, alpha)
+def tiny():
+    torch.manual_seed(0)
+    model = Llama(TINY).eval()
+    with torch.no_grad():                           # norms are ones at init: give them random values too
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     return model
 
 
-def _randomize_b(model, seed=0):
-    """B starts at zero (so the LoRA update is zero); give it random values so merge has something to do."""
-    g = torch.Generator().manual_seed(seed)
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, TINY.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+def wrapped(base, targets=("q", "k", "v", "o"), rank=4, alpha=8.0, b_seed=None):
+    """A deep copy of base with LoRA injected; b_seed: give B random values (B = 0 means no change yet)."""
+    model = copy.deepcopy(base)
+    inject_lora(model, list(targets), rank, alpha)
+    if b_seed is not None:
+        g = torch.Generator().manual_seed(b_seed)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_zero_init_b_gives_base_outputs_bitwise(tiny, tokens):
+    model = wrapped(tiny, ALL)
+    assert len(lora_modules(model)) == TINY.n_layers * len(ALL)
+    assert all(m.A.abs().sum() > 0 and not m.B.any() for m in lora_modules(model).values())  # A random, B zero
     with torch.no_grad():
-        for m in L5.lora_modules(model).values():
-            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.02)
+        assert torch.equal(model(tokens), tiny(tokens))
 
 
-def test_b_zero_gives_base_outputs_exactly(lm, probe):
-    model = _wrapped(lm, targets=("q", "k", "v", "o", "gate", "up", "down"))
+def test_merge_matches_unmerged_and_unmerge_restores_bitwise(tiny, tokens):
+    model = wrapped(tiny, ALL, rank=4, alpha=8.0, b_seed=0)
     with torch.no_grad():
-        assert torch.equal(model(probe), lm.model(probe))
-
-
-def test_only_lora_params_get_gradients(lm, probe):
-    model = _wrapped(lm)
-    model.train()
-    labels = probe.clone()
-    labels[:, :16] = -100
-    L5.answer_loss(model, probe, labels).backward()
-    lora_ids = {id(p) for m in L5.lora_modules(model).values() for p in (m.A, m.B)}
-    for name, p in model.named_parameters():
-        if id(p) in lora_ids:
-            assert p.requires_grad and p.grad is not None, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
-    # with B = 0 the gradient reaches B (A's gradient is exactly zero, since dL/dA ∝ Bᵀ)
-    assert any(m.B.grad.abs().sum() > 0 for m in L5.lora_modules(model).values())
-
-
-@pytest.mark.parametrize("targets,rank", [(("q", "v"), 8), (("q", "k", "v", "o", "gate", "up", "down"), 2)])
-def test_param_count_is_r_times_in_plus_out(lm, targets, rank):
-    model = _wrapped(lm, targets, rank)
-    mods = L5.lora_modules(model)
-    assert len(mods) == lm.config.n_layers * len(targets)
-    for m in mods.values():
-        out_f, in_f = m.base.weight.shape          # read the shapes from the real weight, not from the config
-        assert m.A.numel() + m.B.numel() == rank * (in_f + out_f)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == sum(rank * (m.base.weight.shape[0] + m.base.weight.shape[1]) for m in mods.values())
-    rep = L5.param_report(model, list(targets))
-    assert rep["trainable"] == trainable
-    assert rep["total"] == sum(p.numel() for p in lm.model.parameters()) + trainable
-    # the script's closed-form arithmetic agrees with the real module count
-    cfg = lm.config
-    ar = L5.lora_arithmetic(cfg.n_layers, cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
-                            True, list(targets), rank)
-    assert ar["lora_params"] == trainable
-    assert ar["total_params"] == sum(p.numel() for p in lm.model.parameters())
-
-
-def test_default_config_trains_under_one_percent(lm):
-    a = L5.resolve_args([])
-    model = _wrapped(lm, a.targets, a.rank, a.alpha)
-    assert L5.param_report(model, a.targets)["trainable_pct"] < 1.0
-
-
-def test_merge_same_outputs_and_unmerge_restores_bitwise(lm, probe):
-    model = _wrapped(lm, rank=4, alpha=8.0)
-    _randomize_b(model)
-    model.eval()
+        unmerged = model(tokens)
+        assert not torch.equal(unmerged, tiny(tokens))           # the adapter really changes the outputs
+    merge = L5.check_merge(model, tokens, unmerged)              # the lesson's self-check merges every layer
+    assert all(m.merged for m in lora_modules(model).values())
+    assert merge["max_abs_logit_diff"] < merge["tolerance"] and merge["argmax_equal"]
+    # an independent reference for the merged weight: W + (alpha/r)·B·A computed in float64
+    for n, m in lora_modules(model).items():
+        expect = tiny.get_submodule(n).weight.double() + (8.0 / 4) * (m.B.double() @ m.A.double())
+        assert torch.allclose(m.base.weight.double(), expect, atol=1e-6), n
+    unmerge = L5.check_unmerge(model, tiny)
+    assert unmerge["unmerge_bitwise_restored"]
+    assert not any(m.merged for m in lora_modules(model).values())
+    for n, m in lora_modules(model).items():
+        assert torch.equal(m.base.weight, tiny.get_submodule(n).weight), n
     with torch.no_grad():
-        unmerged = model(probe)
-        assert not torch.equal(unmerged, lm.model(probe))          # the adapter really changes the outputs
-        for m in L5.lora_modules(model).values():
+        assert torch.equal(model(tokens), unmerged)
+
+
+def test_check_unmerge_notices_a_changed_weight(tiny, tokens):
+    """The self-check can fail: if W was changed behind the adapter's back, unmerge does not restore the base."""
+    model = wrapped(tiny, ("q",), b_seed=0)
+    with torch.no_grad():
+        L5.check_merge(model, tokens, model(tokens))
+        m = next(iter(lora_modules(model).values()))
+        m._saved_weight[0, 0] += 1.0
+    assert not L5.check_unmerge(model, tiny)["unmerge_bitwise_restored"]
+
+
+def test_adapters_disabled_is_the_base_model_bitwise(tiny, tokens):
+    model = wrapped(tiny, ALL, b_seed=2)
+    with torch.no_grad():
+        adapted = model(tokens)
+        with adapters_disabled(model):
+            assert torch.equal(model(tokens), tiny(tokens))
+        assert torch.equal(model(tokens), adapted)               # switched back on afterwards
+        for m in lora_modules(model).values():
             m.merge()
-        merged = model(probe)
-        # fp32, only the summation order differs: x·Wᵀ + s·(x·Aᵀ)·Bᵀ vs x·(W + s·B·A)ᵀ. Logits are O(10).
-        assert (merged - unmerged).abs().max().item() < 1e-3
-        assert torch.equal(merged.argmax(-1), unmerged.argmax(-1))
-        # an independent reference for the merged weight: W + (alpha/r)·B·A computed in float64
-        n, m = next(iter(L5.lora_modules(model).items()))
-        w0 = lm.model.get_submodule(n).weight.double()
-        expect = w0 + (m.alpha / m.rank) * (m.B.double() @ m.A.double())
-        assert torch.allclose(m.base.weight.double(), expect, atol=1e-6)
-        for m in L5.lora_modules(model).values():
-            m.unmerge()
-        for n, m in L5.lora_modules(model).items():
-            assert torch.equal(m.base.weight, lm.model.get_submodule(n).weight), n
-        assert torch.equal(model(probe), unmerged)
+    with pytest.raises(RuntimeError):                             # merged adapters cannot be switched off
+        with adapters_disabled(model):
+            pass
 
 
-def test_adapter_save_load_round_trip(lm, probe, tmp_path):
-    model = _wrapped(lm, targets=("q", "v"), rank=4, alpha=8.0)
-    _randomize_b(model, seed=1)
+def test_adapter_save_load_round_trip(tiny, tokens, tmp_path):
+    model = wrapped(tiny, ("q", "v"), rank=4, alpha=8.0, b_seed=1)
     path = tmp_path / "adapter.safetensors"
-    L5.save_adapter(model, path, {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]})
-    weights_mb = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20
-    assert path.stat().st_size / 2**20 < weights_mb / 50          # only A and B are stored
-
-    fresh = _wrapped(lm, targets=("q", "v"), rank=4, alpha=8.0)  # new random A, zero B
-    meta = L5.load_adapter(fresh, path)
-    assert meta == {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]}
-    for (n1, m1), (n2, m2) in zip(L5.lora_modules(model).items(), L5.lora_modules(fresh).items()):
+    save_adapter(model, path, {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]})
+    fresh = wrapped(tiny, ("q", "v"), rank=4, alpha=8.0)          # other random A, zero B
+    assert load_adapter(fresh, path) == {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]}
+    for (n1, m1), (n2, m2) in zip(lora_modules(model).items(), lora_modules(fresh).items()):
         assert n1 == n2 and torch.equal(m1.A, m2.A) and torch.equal(m1.B, m2.B)
     with torch.no_grad():
-        assert torch.equal(model(probe), fresh(probe))
-
-    from common.errors import UserError
+        ok, _ = L5.check_reload_equal(fresh, tokens, model(tokens))
+    assert ok
     with pytest.raises(UserError):
-        L5.load_adapter(_wrapped(lm, targets=("q", "v"), rank=2), path)           # other rank
+        load_adapter(wrapped(tiny, ("q", "v"), rank=2), path)     # other rank
     with pytest.raises(UserError):
-        L5.load_adapter(_wrapped(lm, targets=("q", "k", "v"), rank=4), path)      # other targets
+        load_adapter(wrapped(tiny, ("q", "k", "v"), rank=4), path)  # other targets
 
 
-def test_answer_loss_matches_full_logits_reference(lm):
+def test_param_count_is_r_times_in_plus_out(tiny):
+    for targets, rank in [(("q", "v"), 8), (ALL, 2)]:
+        model = wrapped(tiny, targets, rank)
+        mods = lora_modules(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable == sum(rank * sum(m.base.weight.shape) for m in mods.values())  # shapes from the weights
+        rep = L5.param_report(model, list(targets))
+        assert rep["trainable"] == trainable
+        assert rep["total"] == sum(p.numel() for p in tiny.parameters()) + trainable
+        ar = L5.lora_arithmetic(TINY.n_layers, TINY.dim, TINY.n_kv_heads * TINY.head_dim, TINY.ffn_dim,
+                                TINY.vocab_size, True, list(targets), rank)
+        assert ar["lora_params"] == trainable
+        assert ar["total_params"] == sum(p.numel() for p in tiny.parameters())
+
+
+def tiny_examples(n=12, prompt=10, answer=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, TINY.vocab_size, (prompt + answer,), generator=g).tolist()
+        out.append((ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+def test_only_lora_params_get_gradients(tiny):
+    model = wrapped(tiny).train()
+    ids, labels = L5.collate(tiny_examples(3), 0)
+    L5.answer_loss(model, ids, labels).backward()
+    lora_ids = {id(p) for m in lora_modules(model).values() for p in (m.A, m.B)}
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in lora_ids) == p.requires_grad, name
+    # with B = 0 the gradient reaches B; A's is exactly zero (dL/dA is proportional to B)
+    assert all(m.B.grad.abs().sum() > 0 and not m.A.grad.any() for m in lora_modules(model).values())
+
+
+def test_training_runs_the_planned_steps_and_the_cap_cuts_and_says_so(tiny):
+    data = tiny_examples()
+    model = wrapped(tiny).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = L5.heldout_loss(model, data)
+    full = L5.train(model, params, data, steps=5, lr=1e-2, batch_size=4, seed=0, desc="t")
+    assert full["steps"] == full["planned_steps"] == 5 and not full["cut_by_time_cap"]
+    assert L5.cap_warning(full) == ""
+    assert L5.heldout_loss(model, data) < before                  # it learns (loss on the same examples)
+    model = wrapped(tiny).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    cut = L5.train(model, params, data, steps=5, lr=1e-2, batch_size=4, seed=0, cap_s=0.0, desc="t")
+    assert cut["steps"] == 1 and cut["planned_steps"] == 5 and cut["cut_by_time_cap"]
+    assert cut["losses"][0] == full["losses"][0]                  # same batches, same first step
+    text = L5.cap_warning(cut)
+    assert "1/5" in text and "--time-budget" in text and "不能用来评价" in text
+
+
+def side(lora_wall, full_wall, lora_cpu, full_cpu):
+    mem = {"trainable_mb": 1.0, "optimizer_state_mb": 2.0, "activations_mb": 10.0, "total_mb": 100.0}
+    full_mem = {"trainable_mb": 500.0, "optimizer_state_mb": 1000.0, "activations_mb": 14.0, "total_mb": 330.0}
+    return ({"step_time": lora_wall, "step_cpu_time": lora_cpu, **mem},
+            {"step_time": full_wall, "step_cpu_time": full_cpu, **full_mem})
+
+
+def test_timing_sentences_follow_the_numbers():
+    slower = L5.timing_sentences(*side(2.0, 3.2, 2.0, 3.0), steps=4, n_layers=30)
+    assert len(slower) == 1 and "符合预期" in slower[0] and "1.60" in slower[0] and "30 层" in slower[0]
+    inverted = L5.timing_sentences(*side(3.0, 2.0, 3.0, 2.5), steps=4, n_layers=30)
+    assert "与预期相反" in inverted[0] and "0.67" in inverted[0] and "符合预期" not in " ".join(inverted)
+    unclear = L5.timing_sentences(*side(2.0, 2.1, 2.0, 1.9), steps=2, n_layers=30)
+    assert "看不出谁快" in unclear[0] and "符合预期" not in " ".join(unclear)
+    noisy = L5.timing_sentences(*side(5.0, 13.5, 4.6, 6.7), steps=2, n_layers=30)   # the baseline's busy run
+    assert "符合预期" in noisy[0] and len(noisy) == 2 and "CPU 时间更可信" in noisy[1]
+    wall_inverted = L5.timing_sentences(*side(42.5, 36.1, 4.86, 8.15), steps=2, n_layers=30)  # a busy-machine run
+    assert "按 CPU 时间判断" in wall_inverted[0] and "符合预期" in wall_inverted[0] and "0.85" in wall_inverted[0]
+    assert "CPU 时间更可信" in wall_inverted[1]
+    assert "500 倍" in L5.memory_sentence(*side(1, 1, 1, 1)) and "3.3 倍" in L5.memory_sentence(*side(1, 1, 1, 1))
+
+
+def test_a_failed_self_check_is_one_chinese_line_and_exit_1(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: L5.require(False, "合并后输出不同。"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["错误：自检失败：合并后输出不同。"]
+
+
+# ----------------------------------------------------------------------------- the lesson's data path
+@pytest.fixture(scope="module")
+def wide():
+    """A tiny random Llama with the real vocabulary: the real tokenizer's ids fit, forward passes are cheap."""
+    torch.manual_seed(3)
+    return Llama(LlamaConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                             max_seq_len=256)).eval()
+
+
+def test_answer_loss_matches_full_logits_reference(wide, tokenizer):
     """The answer-only lm_head shortcut gives the same loss as cross-entropy on the model's full logits."""
-    tok = lm.tokenizer
     rows = L5.load_examples(REPO / "data" / "lora" / "train.json")[:3]
-    data = [L5.encode_example(tok, r) for r in rows]
+    data = [L5.encode_example(tokenizer, r) for r in rows]
     for ex, (ids, labels) in zip(rows, data):
-        n_prompt = len(L5.prompt_ids(tok, ex))
-        assert labels[:n_prompt] == [-100] * n_prompt                         # the prompt is masked
-        assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.im_end  # the answer (and its end) is learned
-        assert tok.decode(ids[n_prompt:-1]) == ex["output"]
+        n_prompt = len(L5.prompt_ids(tokenizer, ex))
+        assert labels[:n_prompt] == [-100] * n_prompt                               # the prompt is masked
+        assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.im_end  # the answer (and its end) is learned
+        assert tokenizer.decode(ids[n_prompt:-1]) == ex["output"]
     ids, labels = L5.collate(data, 0)
     with torch.no_grad():
-        ours = L5.answer_loss(lm.model, ids, labels)
-        logits = lm.model(ids)
+        ours = L5.answer_loss(wide, ids, labels)
+        logits = wide(ids)
         ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_batched_greedy_matches_local_generate(lm):
-    tok = lm.tokenizer
-    rows = L5.load_examples(REPO / "data" / "lora" / "eval.json")[:2]
-    prompts = [L5.prompt_ids(tok, r)[:30] for r in rows] + [L5.prompt_ids(tok, rows[0])[:29]]  # two share a length
-    ours = L5.greedy_generate(lm.model, prompts, 4, tok.eos_ids, torch.device("cpu"))
-    for p, o in zip(prompts, ours):
-        assert o == list(lm.generate(p, 4))
+def test_score_batches_prompts_of_different_lengths_like_one_at_a_time(wide, tokenizer, monkeypatch, capsys):
+    from common.generate import generate
+    rows = L5.load_examples(REPO / "data" / "lora" / "eval.json")
+    rows = [rows[0], rows[1], {**rows[2], "input": rows[2]["input"] + " Thanks a lot for your help today."}]
+    prompts = [L5.prompt_ids(tokenizer, r) for r in rows]
+    assert len({len(p) for p in prompts}) > 1                                   # really different lengths
+    monkeypatch.setattr(L5, "EVAL_BATCH", 2)                                    # two batches: 2 + 1 prompts
+    res = L5.score(wide, tokenizer, rows, 6, "t")
+    alone = [tokenizer.decode(list(generate(wide, p, 6, stop_ids=tokenizer.eos_ids))).strip() for p in prompts]
+    assert res["outputs"] == alone
+    assert res["format_ok"] == 0 and res["n"] == 3                              # a random model gets nothing right
+    assert "[t] 意图准确率 0.0%｜格式正确 0.0%" in capsys.readouterr().out
+
+
+def test_default_config_trains_under_one_percent(local_fp32):
+    a = L5.parse_args([])
+    assert (a.steps, a.batch_size, a.full_ft, a.targets) == (80, 8, 4, ["q", "k", "v", "o"])
+    model = wrapped(local_fp32.model, a.targets, a.rank, a.alpha)
+    assert L5.param_report(model, a.targets)["trainable_pct"] < 1.0
 
 
 def test_dataset_files_and_generator_are_consistent(tmp_path, monkeypatch):
@@ -193,34 +283,55 @@ def test_dataset_files_and_generator_are_consistent(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["--rank", "0"], ["--targets", "q,foo"], ["--lr", "-1"], ["--dropout", "1.5"],
-                                  ["--data", "no/such/file.json"], ["--steps", "abc"]])
-def test_bad_flags_exit_nonzero(args, script_env):
-    r = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=script_env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(("错误：", "usage:", "05_lora.py: error"))
+                                  ["--max-len", "4"], ["--eval-n", "-2"], ["--eval-data", "/no/such.json"]])
+def test_bad_flags_are_one_chinese_line(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: L5.main(args))                  # fails while parsing, before the model is loaded
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("错误："), lines
 
 
-def test_bad_data_file_is_a_user_error(tmp_path, script_env):
+def test_bad_data_file_is_a_user_error(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "x"}]', encoding="utf-8")
-    r = subprocess.run([sys.executable, str(SCRIPT), "--data", str(bad)], cwd=REPO, env=script_env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "错误：" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: L5.main(["--data", str(bad)]))  # checked before the model is loaded
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("错误：") and "instruction" in lines[0], lines
 
 
-def test_quick_run_end_to_end(script_env):
-    """A smaller-than---quick run: the whole pipeline, then check the invariants it reports."""
-    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps", "3", "--eval-n", "2", "--full-ft", "1"],
-                       cwd=REPO, env=script_env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = Path(script_env["LLM_COURSE_OUTPUTS"]) / "05_lora"
-    res = json.loads((out / "results.json").read_text("utf-8"))
+# ----------------------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+def test_quick_run_end_to_end(lesson_runs):
+    """Exactly the docs' quick command (the run is shared with tests/test_docs.py)."""
+    r = lesson_runs.run("05_lora.py", "--quick", timeout=900)
+    assert r.returncode == 0, r.explain()
+    res = r.results("05_lora")
+    out = r.out_root / "05_lora"
     assert res["params"]["trainable_pct"] < 1
     assert res["heldout_loss"]["after"] < res["heldout_loss"]["before"]
-    assert res["merge"]["max_abs_logit_diff"] < res["merge"]["tolerance"]
+    assert res["merge"]["max_abs_logit_diff"] < res["merge"]["tolerance"] and res["merge"]["argmax_equal"]
     assert res["merge"]["unmerge_bitwise_restored"] and res["adapter"]["reload_bitwise_equal"]
+    run = res["lora_train"]
+    assert run["planned_steps"] == 8 and (run["steps"] == 8) != res["training_cut_short"]
+    assert ("训练被时间上限截断" in r.stdout) == res["training_cut_short"]
     cmp = res["comparison"]
     assert cmp["full"]["optimizer_state_mb"] > 50 * cmp["lora"]["optimizer_state_mb"]
     assert cmp["lora"]["trainable_mb"] * 2**20 == 4 * res["params"]["trainable"]        # fp32 A and B
+    assert cmp["lora"]["warmup_steps"] == cmp["full"]["warmup_steps"]                    # like with like
+    assert all(s in r.stdout for s in cmp["interpretation"])
     assert (out / "loss_curve.png").is_file() and (out / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_tiny_time_cap_is_reported_loudly(script_env):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--time-budget", "0.0001", "--eval-n", "2",
+                        "--full-ft", "0"], cwd=REPO, env=script_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((Path(script_env["LLM_COURSE_OUTPUTS"]) / "05_lora" / "results.json").read_text("utf-8"))
+    assert res["training_cut_short"] and res["lora_train"]["cut_by_time_cap"]
+    assert res["lora_train"]["steps"] == 1 and res["lora_train"]["planned_steps"] == 8
+    assert "⚠ 训练被时间上限截断：只跑了 1/8 步" in r.stdout
+    assert r.stdout.count("训练被时间上限截断") == 2                  # after training and again in the summary
