@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import timeit
 
 import numpy as np
 import torch
@@ -137,15 +138,6 @@ def check_toy_same(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max())
 
 
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def toy_sentences(rows: list[dict]) -> list[str]:
     """玩具：MAC 数怎样涨、实测加速比是否跟着 MAC 比走、哪个更大——全部从表里的数字算出来。"""
     a, b = rows[0], rows[-1]
@@ -176,8 +168,8 @@ def part_toy(args) -> dict:
     print(f"\n{'步数 n':>7} | {'不缓存 s':>9} | {'缓存 s':>8} | {'实测加速':>8} | {'数出的 MAC 比':>12} | 不缓存 GMAC/s | 缓存 GMAC/s")
     for n in sorted({max(2, N // 8), max(2, N // 4), max(2, N // 2), N}):
         reps = 3 if n <= 256 else 1   # 取多次中最快的一次，减少机器负载带来的噪声
-        t_nc = _best_time(lambda: toy_generate_no_cache(w, n), reps)
-        t_c = _best_time(lambda: toy_generate_cached(w, n), reps)
+        t_nc = min(timeit.repeat(lambda: toy_generate_no_cache(w, n), repeat=reps, number=1))
+        t_c = min(timeit.repeat(lambda: toy_generate_cached(w, n), repeat=reps, number=1))
         m_nc, m_c = toy_macs(n, d)
         rows.append({"n": n, "no_cache_s": t_nc, "cached_s": t_c, "speedup": t_nc / t_c,
                      "macs_no_cache": m_nc, "macs_cached": m_c, "mac_ratio": m_nc / m_c,
