@@ -258,6 +258,15 @@ def test_part_accepts_numbers_and_names():
     assert lesson.parse_args([]).parts == lesson.PARTS
 
 
+def test_dtype_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_DTYPE", "int8")   # the lesson used to ignore it
+    assert lesson.parse_args([]).dtype == "int8"
+    assert lesson.parse_args(["--dtype", "fp32"]).dtype == "fp32"
+    monkeypatch.delenv("LLM_COURSE_DTYPE")
+    a = lesson.parse_args(["--quick"])
+    assert (a.dtype, a.max_new_tokens, a.steps) == ("fp32", 40, 3)
+
+
 @pytest.mark.parametrize("argv", [["--layer", "30"], ["--layer", "-1"], ["--head", "9"], ["--head", "-2"]])
 def test_layer_and_head_checked_against_the_model(argv, local_fp32):
     from common.errors import UserError
