@@ -381,7 +381,8 @@ def part_real(args, device, notes: list[str]) -> dict:
     for key, title in (("cached_step", f"有缓存的一步（第 {P + n} 个位置）"), ("no_cache_step", f"无缓存的一步（{P + n} 个 token）")):
         print(f"  {title}：" + "，".join(f"{r['op']} {r['share'] * 100:.0f}%" for r in prof[key][:4]))
     print("解读：" + profile_sentence(prof["cached_step"], prof["no_cache_step"]))
-    print("      想让有缓存的一步更快，就要让它读更少的字节：试试 --dtype int8（权重从 4 字节降到 1 字节）。")
+    if args.dtype == "fp32":
+        print("      想让有缓存的一步更快，就要让它读更少的字节：试试 --dtype int8（权重从 4 字节降到 1 字节）。")
     png = plot_step_times(t_c, t_n, P, args.dtype, args.out_dir)
     return {"dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(), "prompt_tokens": P,
             "new_tokens": n, "identical_tokens": first_diff is None, "first_diff": first_diff, "table": rows,
