@@ -70,8 +70,8 @@ def note_timing(reasons: list[str], reason: str | None) -> None:
 
 
 def trend(values: list[float], tol: float = 0.1) -> str:
-    """rising / falling / flat / mixed：相邻两个数变化超过 tol（相对）才算涨或跌。"""
-    steps = [b / a - 1 for a, b in zip(values, values[1:])]
+    """rising / falling / flat / mixed：相邻两个数、或首尾之间变化超过 tol（相对）才算涨或跌。"""
+    steps = [b / a - 1 for a, b in zip(values, values[1:])] + [values[-1] / values[0] - 1]
     up, down = any(s > tol for s in steps), any(s < -tol for s in steps)
     return "mixed" if up and down else "rising" if up else "falling" if down else "flat"
 

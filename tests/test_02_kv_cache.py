@@ -88,6 +88,7 @@ def test_trend():
     assert lesson.trend([10.4, 10.6, 6.7, 4.6]) == "falling"    # the busy-machine run
     assert lesson.trend([3.0, 6.0, 4.0]) == "mixed"
     assert lesson.trend([5.0, 5.1, 4.95]) == "flat"
+    assert lesson.trend([3.01, 3.28, 3.34]) == "rising"         # small steps, but up 11 % end to end
 
 
 def test_speedup_sentence_rising_and_falling():
