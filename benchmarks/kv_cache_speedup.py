@@ -5,8 +5,8 @@ every step; the time to generate the first L tokens is the sum of the first L st
 of L tokens is a prefix of the longer run). Ratios are measured side by side in the same process.
 It also profiles one cached and one uncached step with torch.profiler (top ops by self CPU time).
 
-Uses the lesson's own code (02_understand_kv_cache.py: next_token_logits, greedy_timed, model_macs,
-profile_step, linear_weight_bytes), so the benchmark measures exactly what the lesson teaches.
+Uses the lesson's own code (02_understand_kv_cache.py: greedy_timed, model_macs, profile_step,
+linear_weight_bytes), so the benchmark measures exactly what the lesson teaches.
 
     python benchmarks/kv_cache_speedup.py                       # lengths 64,128,256,512, fp32 + int8
     python benchmarks/kv_cache_speedup.py --lengths 64,128 --dtypes int8 --threads 2
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from common.cli import int_list, positive_int  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 
 lesson = importlib.import_module("02_understand_kv_cache")
@@ -70,9 +71,9 @@ def linears_only_seconds(model, repeats: int = 15) -> tuple[float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="KV cache speedup benchmark (local SmolLM2-135M)")
-    p.add_argument("--lengths", type=lesson.parse_lengths, default=[64, 128, 256, 512])
+    p.add_argument("--lengths", type=int_list, default=[64, 128, 256, 512])
     p.add_argument("--dtypes", default="fp32,int8", help="comma list of fp32,int8")
-    p.add_argument("--threads", type=lesson.positive, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--prompt", default=lesson.DEFAULT_PROMPT)
     p.add_argument("--prompt-tokens", default="0",
                    help="comma list; 0 = --prompt as is, N = about N tokens of data/rag/en text + 'Summarize the text above.'")
@@ -104,8 +105,8 @@ def main() -> None:
         prompt_ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": long_prompt(lm, size, args.prompt)}])
         P = len(prompt_ids)
         t0 = time.perf_counter()
-        tok_c, t_c, _ = lesson.greedy_timed(lm, prompt_ids, n, True, f"{dtype} cached")
-        tok_n, t_n, _ = lesson.greedy_timed(lm, prompt_ids, n, False, f"{dtype} no cache")
+        tok_c, t_c = lesson.greedy_timed(lm, prompt_ids, n, True, f"{dtype} cached")
+        tok_n, t_n = lesson.greedy_timed(lm, prompt_ids, n, False, f"{dtype} no cache")
         first_diff = next((i for i, (a, b) in enumerate(zip(tok_c, tok_n)) if a != b), None)
         lin_s, lin_bytes = linears_only_seconds(lm.model)
         rows = []
