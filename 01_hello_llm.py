@@ -289,16 +289,17 @@ def part_tokens(lm, args):
     title(4, "token 是什么：模型读写的最小单位")
     tok = lm.tokenizer
     cjk = sum(1 for i in range(tok.n_vocab) if re.search(r"[\u4e00-\u9fff]", tok.token_bytes(i).decode("utf-8", "ignore")))
-    print(f"本地模型的词表有 {tok.n_vocab} 个 token，其中只有 {cjk} 个包含汉字——它主要用英文训练。")
+    print(f"本地模型的词表有 {tok.n_vocab} 个 token，其中 {cjk} 个包含汉字（占 {100 * cjk / tok.n_vocab:.1f}%）。")
     extra = [(n, e) for n in ("o200k_base", "cl100k_base") if (e := openai_encoding(n, args.openai_encoding))]
     rows = [tokenize_sample(tok, label, text, extra) for label, text in TOKEN_SAMPLES]
     en, zh = rows[0], rows[1]
     print(f"\n同一个意思：英文 {en['tokens']} 个 token，中文 {zh['tokens']} 个 token（是英文的 {zh['tokens'] / en['tokens']:.1f} 倍）。")
     if zh["tokens"] > en["tokens"]:
-        print("原因：英文常见单词在词表里是一个整体；汉字在 UTF-8 里占 3 个字节，而词表里几乎没有汉字，")
-        print("      只好拆成字节片段。API 按 token 计费、上下文长度也按 token 算，所以用这种词表时中文更'贵'。")
+        print("原因：英文常见单词在词表里是一个整体；汉字在 UTF-8 里占 3 个字节，词表里汉字越少，就越常")
+        print("      拆成字节片段。API 按 token 计费、上下文长度也按 token 算，所以用这种词表时中文更'贵'。")
     else:
-        print("这两句里中文没有比英文用更多 token（你改过 TOKEN_SAMPLES？）：换一段更长的中文再比一比。")
+        print("这个词表里常用汉字和词是整体 token（见上面的汉字 token 数），所以中文不比英文'贵'。"
+              "换 --local-model smollm2 / qwen0.5b 对比两种词表。")
     if not extra and not args.openai_encoding:
         print("（本机没有缓存 OpenAI 的 tiktoken 编码，跳过对照；联网时加 --openai-encoding 可以下载并对比。）")
     return {"vocab_size": tok.n_vocab, "vocab_tokens_with_chinese": cjk, "samples": rows,
@@ -400,8 +401,10 @@ def load_local(client, args, device):
     if not ((client is not None and client.backend == "local") or set(args.parts) - {"stream"}):
         return None
     t0 = time.perf_counter()
-    lm = load_local_model(dtype=args.dtype, device=device)
-    print(f"[模型] 本地模型 {lm.name} 已就绪（{time.perf_counter() - t0:.1f} 秒，{torch.get_num_threads()} 个 CPU 线程）。它只懂英文。")
+    lm = load_local_model(args.model_file, dtype=args.dtype, device=device, model=args.local_model)
+    print(f"[模型] 本地模型 {lm.name} 已就绪（{time.perf_counter() - t0:.1f} 秒，{torch.get_num_threads()} 个 CPU 线程）。"
+          f"它{lm.info.languages}。" + ("想用中文对话：--local-model qwen0.5b（Qwen2.5 0.5B，中英文，首次多下载约 478 MB）。"
+                                       if lm.key == "smollm2" else ""))
     check_model_args(args, lm.config)
     if client is not None and client.backend != "local":
         print("说明：第 1 部分走 API；其余部分需要 logits / 注意力权重（API 不提供），在本地模型上运行。")

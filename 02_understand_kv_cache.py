@@ -306,13 +306,13 @@ def profile_step(lm, L: int, use_cache: bool, top: int = 6) -> list[dict]:
              "ms_per_step": e.self_cpu_time_total / 3 / 1e3} for e in rows]
 
 
-def plot_step_times(t_c: list[float], t_n: list[float], P: int, dtype: str, out_dir):
+def plot_step_times(t_c: list[float], t_n: list[float], P: int, name: str, dtype: str, out_dir):
     pos = np.arange(P, P + len(t_c))
     fig, ax = new_figure(size=(7, 4))
     ax.plot(pos, np.array(t_n) * 1e3, label="no KV cache (recompute all)")
     ax.plot(pos, np.array(t_c) * 1e3, label="with KV cache (new token only)")
     ax.set(xlabel="sequence length (position of the new token)", ylabel="time for this token (ms)", yscale="log",
-           title=f"SmolLM2-135M ({dtype}): time per generated token")
+           title=f"{name} ({dtype}): time per generated token")
     ax.grid(alpha=0.3)
     ax.legend()
     path = save_figure(fig, out_dir / f"time_per_token_{dtype}.png")
@@ -356,10 +356,10 @@ def profile_sentence(cached: list[dict], no_cache: list[dict]) -> str:
 def part_real(args, device, notes: list[str]) -> dict:
     from common.local_model import load_local_model
 
-    print(f"\n=== 第 2 部分：真实模型 SmolLM2-135M（{args.dtype}），贪心生成，有缓存 vs 无缓存 ===")
     if args.dtype == "int8" and device.type != "cpu":
         raise UserError("int8 动态量化只支持 CPU：请加 --device cpu，或改用 --dtype fp32。")
-    lm = load_local_model(dtype=args.dtype, device=device)
+    lm = load_local_model(args.model_file, dtype=args.dtype, device=device, model=args.local_model)
+    print(f"\n=== 第 2 部分：真实模型 {lm.info.name}（{args.dtype}），贪心生成，有缓存 vs 无缓存 ===")
     prompt_ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     P, n = len(prompt_ids), args.max_new_tokens
     print(f"设备 {device}，{torch.get_num_threads()} 个线程，提示词 {P} 个 token，生成 {n} 个 token（不在 EOS 停下，保证长度一致）。")
@@ -383,7 +383,7 @@ def part_real(args, device, notes: list[str]) -> dict:
     print("解读：" + profile_sentence(prof["cached_step"], prof["no_cache_step"]))
     if args.dtype == "fp32":
         print("      想让有缓存的一步更快，就要让它读更少的字节：试试 --dtype int8（权重从 4 字节降到 1 字节）。")
-    png = plot_step_times(t_c, t_n, P, args.dtype, args.out_dir)
+    png = plot_step_times(t_c, t_n, P, lm.info.name, args.dtype, args.out_dir)
     return {"dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(), "prompt_tokens": P,
             "new_tokens": n, "identical_tokens": first_diff is None, "first_diff": first_diff, "table": rows,
             "step_seconds_cached": t_c, "step_seconds_no_cache": t_n, **eff, "profile": prof, "plot": str(png)}
@@ -421,7 +421,7 @@ def part_memory(args, device) -> dict:
     from common.local_model import load_local_model
 
     print("\n=== 第 3 部分：代价是内存——KV 缓存有多大 ===")
-    lm = load_local_model(dtype=args.dtype, device=device)
+    lm = load_local_model(args.model_file, dtype=args.dtype, device=device, model=args.local_model)
     cfg, model = lm.config, lm.model
     n = min(args.max_new_tokens, 64)
     cache = model.new_cache(1, n + 8)

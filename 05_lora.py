@@ -348,7 +348,7 @@ def step_load_model(a):
     device = setup_run(a)                                    # 线程数、随机种子、设备
     torch.set_flush_denormal(True)
     from common.local_model import load_local_model
-    lm = load_local_model(dtype="fp32", device=device)      # LoRA 训练用 fp32
+    lm = load_local_model(a.model_file, dtype="fp32", device=device, model=a.local_model)      # LoRA 训练用 fp32
     threads = torch.get_num_threads() if device.type == "cpu" else None
     print(f"模型：{lm.name}，设备 {device}" + (f"，{threads} 个 CPU 线程" if threads else ""))
     print("注意：本地模型只懂英文，所以数据、提示都是英文。")
@@ -540,7 +540,7 @@ def plot_losses(main_run: dict, side: dict | None, path: Path) -> Path:
 
 # 命令行参数与 main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = course_parser(NAME, __doc__, groups=("device",))    # LoRA 用 fp32 训练，没有 --dtype
+    p = course_parser(NAME, __doc__, groups=("model",))     # LoRA 用 fp32 训练，没有 --dtype
     g = p.add_argument_group("LoRA 与训练")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="缩放 alpha，实际缩放 = alpha/r")
