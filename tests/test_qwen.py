@@ -113,6 +113,14 @@ def test_model_choice_flag_env_default(monkeypatch):
 # ----------------------------------------------------------------------------- the real model (slow)
 PROMPTS = ["What is the capital of France?",
            "根据这段话回答：员工病假超过3天需要提供医生证明。问题：病假几天以上需要医生证明？"]
+
+
+def _long_prompt() -> str:
+    """A lesson-03-sized prompt (~500 tokens): long positions exercise RoPE and attention further."""
+    from common.outputs import REPO_ROOT
+
+    text = (REPO_ROOT / "data" / "rag" / "en" / "leave_policy.md").read_text(encoding="utf-8")
+    return "Context:\n" + text[:2000] + "\n\nQuestion: After how many days off ill do I need a medical certificate?"
 # fp32 vs fp32 on the same dequantized weights: only summation order differs. Measured when this was
 # written: max |logit diff| 5.5e-05 on logits of magnitude ~32; 2e-3 leaves room for other CPUs' kernels.
 LOGIT_ATOL = 2e-3
@@ -168,7 +176,7 @@ def test_qwen_tokenizer_matches_reference(qwen, qwen_reference):
 @pytest.mark.slow
 def test_qwen_logits_and_greedy_tokens_match_reference(qwen, qwen_reference):
     ref, _ = qwen_reference
-    for prompt in PROMPTS:
+    for prompt in PROMPTS + [_long_prompt()]:
         ids = qwen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         x = torch.tensor([ids])
         with torch.no_grad():
