@@ -268,3 +268,29 @@ def test_quick_run_results(lesson_runs):
     assert ov["mask_ms_per_token"] > 0 and ov["overhead_ratio"] == pytest.approx(ov["mask_ms_per_token"] / ov["unconstrained_step_ms"])
     assert res["agent"]["args_schema_valid"] and res["agent"]["tasks"] == 2
     assert "自检通过" in run.stdout
+
+
+def test_api_path_sends_native_response_format_and_tools(monkeypatch):
+    """The real openai SDK against the local test server: the schema goes out as response_format
+    (json_schema, strict) and the tools as `tools`; the server's plain-text reply is handled."""
+    import types
+
+    from common.client import LLMClient
+    from tests.openai_test_server import run_server
+
+    args = types.SimpleNamespace(max_new_tokens=32, temperature=0.0, seed=0)
+    with run_server() as server:
+        client = LLMClient(backend="openai", base_url=server.base_url, api_key="test", model="test-model", verbose=False)
+        assert client.openai is not None
+        text, complete = L.api_extract(L.chat_api(client), [{"role": "user", "content": "hi there"}],
+                                       SCHEMAS["support"], args)
+        thought, tool, tool_args = L.ApiPolicy(L.chat_api(client), args)([{"role": "user", "content": "What is 2+2?"}])
+        first, second = [r["json"] for r in server.requests_to("/chat/completions")]
+    rf = first["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+    assert rf["json_schema"]["schema"]["properties"] == SCHEMAS["support"]["properties"]
+    assert text.startswith("Echo") and complete
+    assert [t["function"]["name"] for t in second["tools"]] == [t["name"] for t in L.TOOLS]
+    assert second["tools"][0]["function"]["parameters"] == L.TOOLS[0]["parameters"]
+    assert tool == "final_answer" and tool_args["answer"].startswith("Echo")   # no tool_calls -> the text is the answer
+    assert LLMClient(backend="local", verbose=False).openai is None
