@@ -449,7 +449,8 @@ def summarize(out: dict, mask) -> dict:
                      "step_ms_mean": 1000 * statistics.mean(o["step_s"]) if o["step_s"] else None,
                      "mask_ms_mean": 1000 * statistics.mean(o["mask_s"]) if o["mask_s"] else None,
                      "mask_ms_median": 1000 * statistics.median(o["mask_s"]) if o["mask_s"] else None,
-                     "examples": [r["output"] for r in rows[:2]]}
+                     "examples": [r["output"] for r in rows[:2]],
+                     "outputs": [{"id": r["id"], "output": r["output"], "fields_right": r["fields"]} for r in rows]}
     if mask is not None:
         res["mask_states"] = len(mask.masks)
     return res
