@@ -166,6 +166,12 @@ class LLMClient:
         else:
             self.model_name = DEFAULT_OPENAI_MODEL
 
+    @property
+    def openai(self):
+        """The official SDK's ``openai.OpenAI`` object when the backend is an API, else None: for API
+        features that chat()/embed() do not wrap, e.g. response_format and tools (lesson 07)."""
+        return self._oa if self.backend == "openai" else None
+
     def local(self):
         """The LocalModel (loaded on first use)."""
         if self._local is None:

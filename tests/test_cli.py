@@ -33,6 +33,11 @@ BAD_FLAGS = [
     ("05_lora.py", ["--quick", "--seed", "x"]),
     ("05_lora.py", ["--steps", "-1"]),
     ("05_lora.py", ["--data", "/no/such/file.json"]),
+    ("07_structured_output.py", ["--quick", "--seed", "x"]),
+    ("07_structured_output.py", ["--max-new-tokens", "0"]),
+    ("07_structured_output.py", ["--schema", "/no/such/schema.json", "--prompt", "hi"]),
+    ("07_structured_output.py", ["--schema", "data/structured/support.schema.json"]),
+    ("07_structured_output.py", ["--top-p", "1.5"]),
 ]
 
 
