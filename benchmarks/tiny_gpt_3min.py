@@ -37,14 +37,14 @@ RECIPES = {
     "baseline": ["--preset", "small", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
                  "--batch-size", "12", "--lr", "1e-3", "--warmup-iters", "100", "--min-lr-ratio", "0.1",
                  "--beta2", "0.99", "--weight-decay", "0.1", "--dropout", "0", "--grad-accum", "1",
-                 "--dtype", "fp32"],
+                 "--autocast", "off"],
 }
 
 
 def start_recipe(name: str, minutes: float, threads: int | None, out: Path, extra: list[str]):
-    d = out / name
+    d = out / name / RECIPES[name][1]       # the lesson writes each preset to <out-dir>/<preset>/
     cmd = [sys.executable, str(SCRIPT), *RECIPES[name], "--time-budget", str(minutes), "--final-eval", "full",
-           "--out-dir", str(d), *extra]
+           "--out-dir", str(out / name), "--overwrite", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
@@ -57,11 +57,12 @@ def finish_recipe(job) -> dict:
     rc = proc.wait()
     wall = time.time() - t0
     log.close()
-    text = (d.parent / f"{name}.log").read_text(encoding="utf-8").replace("\r", "\n")
-    print(f"--- {name} (last lines of {d.parent / (name + '.log')})")
+    log_path = d.parent.parent / f"{name}.log"
+    text = log_path.read_text(encoding="utf-8").replace("\r", "\n")
+    print(f"--- {name} (last lines of {log_path})")
     print("\n".join([line for line in text.strip().splitlines() if "it/s" not in line][-8:]))
     if rc != 0:
-        raise UserError(f"{name} 运行失败（退出码 {rc}）；看 {d.parent / (name + '.log')}")
+        raise UserError(f"{name} 运行失败（退出码 {rc}）；看 {log_path}")
     res = json.loads((d / "results.json").read_text(encoding="utf-8"))
     res["process_wall_s"] = round(wall, 1)
     return res
