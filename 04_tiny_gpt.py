@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.cli import setup_run  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
+from common.errors import run_cli  # noqa: E402
 from common.sampling import sample_next_token  # noqa: E402
-from common.training import (Distributed, StopSignal, TrainState, check_resume_is_exact, checkpoint_dict,  # noqa: E402
-                             load_checkpoint, load_text, new_tokenizer, open_run, plain_args, plot_losses, restore,
-                             save_checkpoint, text_fingerprint, tiny_gpt_parser, tokenizer_from_state, write_results)
+from common.training import (Distributed, Optimizers, StopSignal, TrainState, apply_presets,  # noqa: E402
+                             check_resume_is_exact, open_run, plot_losses, prepare_data, print_summary, restore,
+                             run_checkpoint, sample_only, save_checkpoint, save_if_best, tiny_gpt_parser, write_results)
 
 NAME = "04_tiny_gpt"
 
@@ -55,33 +55,13 @@ PRESETS = {
 # --quick 配 --tokenizer bpe 时：输出层从 84 个字符变成约 1.9 万个 BPE token，每步慢十几倍，
 # 所以少训练几步、batch 减半，让它也在一分钟内跑完（命令行参数仍可覆盖）
 QUICK_BPE = dict(max_iters=100, batch_size=16)
-DEFAULTS = dict(dropout=0.0, grad_accum=1, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, grad_clip=1.0)
+DEFAULTS = dict(dropout=0.0, grad_accum=1, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, grad_clip=1.0,
+                norm="layer", pos="learned", qk_norm="off", mlp="gelu", head="tied", optimizer="adamw", muon_lr=0.02)
 
 
 # ---------------------------------------------------------------------------
 # 1. 数据：一段文本 → 一串整数 id → 随机取一批窗口（分词器在 common/training.py）
 # ---------------------------------------------------------------------------
-def prepare_data(a, ck, master: bool):
-    """读文本、分词，最后 10% 做验证集。续训时分词器和数据指纹以检查点为准。"""
-    t0 = time.time()
-    text, source = load_text(a.data)
-    if len(text) < 10 * (a.block_size + 2):
-        raise UserError(f"数据太短（{len(text)} 个字符）；至少需要 {10 * (a.block_size + 2)} 个字符，或减小 --block-size")
-    fingerprint = text_fingerprint(text)
-    if ck is not None and ck["data_sha1"] != fingerprint:
-        raise UserError("检查点是在另一份数据上训练的，不能续训；请用相同的 --data，或去掉 --resume 重新训练")
-    tok = tokenizer_from_state(ck["tokenizer"]) if ck else new_tokenizer(a.tokenizer, text)
-    data = tok.encode_corpus(text)                           # [N] 整数 id
-    n_val = len(data) // 10
-    train, val = data[:-n_val], data[-n_val:]                # 最后 10% 做验证集
-    if len(val) <= a.block_size + 1:
-        raise UserError("验证集比上下文窗口还短；请用更长的文本或减小 --block-size")
-    if master:
-        print(f"数据：{source}，{len(text):,} 个字符，词表 {tok.vocab_size}（{tok.kind}），"
-              f"训练 {len(train):,} / 验证 {len(val):,} 个 token（读取+编码 {time.time() - t0:.1f}s）")
-    return dict(text_chars=len(text), source=source, sha1=fingerprint, tok=tok, train=train, val=val)
-
-
 def get_batch(data: torch.Tensor, offsets: torch.Tensor, block_size: int):
     """一次张量索引取出整批数据（没有 Python 循环）。offsets: [B]。"""
     idx = offsets[:, None] + torch.arange(block_size + 1)    # [B, T+1]
@@ -132,15 +112,17 @@ class MultiHeadAttention(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """和 MultiHeadAttention 数学上完全相同，但把 H 个头的 q/k/v 合成一次矩阵乘法，
-    再调用 PyTorch 融合好的 F.scaled_dot_product_attention（快得多、省内存）。"""
+    再调用 PyTorch 融合好的 F.scaled_dot_product_attention（快得多、省内存）。
+    rope / qk_norm 是第 5 步（现代配方）的两处改动，默认关闭 = GPT-2。"""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, rope: bool = False, qk_norm: bool = False):
         super().__init__()
         assert n_embd % n_head == 0
-        self.n_head = n_head
+        self.n_head, self.rope, self.dropout = n_head, rope, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
-        self.dropout = dropout
+        self.q_norm = RMSNorm(n_embd // n_head) if qk_norm else None
+        self.k_norm = RMSNorm(n_embd // n_head) if qk_norm else None
         self.use_sdpa = True  # 设为 False 走手写公式（测试里用来对照）
 
     def forward(self, x):                                    # x: [B, T, C]
@@ -149,6 +131,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, D]
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, D]
+        if self.q_norm is not None:                          # 第 5 步 QK-norm：q、k 每个头先归一化，打分不会失控
+            q, k = self.q_norm(q), self.k_norm(k)            # [B, H, T, D]
+        if self.rope:                                        # 第 5 步 RoPE：按位置旋转 q、k（取代位置嵌入 wpe）
+            cos, sin = rope_tables(T, C // self.n_head, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, D]
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, D]
@@ -163,26 +150,38 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float = 0.0):
+    """C → 4C → C。kind：gelu（GPT-2）；第 5 步可换成 relu2 = ReLU(x)²，或 swiglu = silu(a)·b（LLaMA，
+    多一个矩阵，所以隐藏层取 8C/3 让参数量不变）。"""
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, kind: str = "gelu"):
         super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.proj = nn.Linear(4 * n_embd, n_embd, bias=False)
-        self.dropout = dropout
+        hidden = 4 * n_embd if kind != "swiglu" else 8 * ((8 * n_embd // 3 + 7) // 8)  # swiglu: 2 × 8C/3
+        self.fc = nn.Linear(n_embd, hidden, bias=False)
+        self.proj = nn.Linear(hidden if kind != "swiglu" else hidden // 2, n_embd, bias=False)
+        self.kind, self.dropout = kind, dropout
 
     def forward(self, x):                                    # x: [B, T, C]
-        h = F.gelu(self.fc(x))                               # [B, T, 4C] 先升维再非线性
+        h = self.fc(x)                                       # [B, T, 4C] 先升维再非线性
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:                                                # swiglu：一半当"门"，一半当"值"
+            gate, value = h.chunk(2, dim=-1)                 # 2 × [B, T, 4C/3]
+            h = F.silu(gate) * value                         # [B, T, 4C/3]
         return F.dropout(self.proj(h), self.dropout, self.training)  # [B, T, C]
 
 
 class Block(nn.Module):
-    """第 3 步：Transformer 块 = 先 LayerNorm 再注意力/MLP（Pre-LN），结果加回输入（残差）。"""
+    """第 3 步：Transformer 块 = 先归一化再注意力/MLP（Pre-LN），结果加回输入（残差）。"""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, norm: str = "layer", rope: bool = False,
+                 qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
-        self.ln1 = nn.LayerNorm(n_embd, bias=False)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
-        self.ln2 = nn.LayerNorm(n_embd, bias=False)
-        self.mlp = MLP(n_embd, dropout)
+        self.ln1 = make_norm(norm, n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, rope, qk_norm)
+        self.ln2 = make_norm(norm, n_embd)
+        self.mlp = MLP(n_embd, dropout, mlp)
 
     def forward(self, x):                                    # x: [B, T, C]
         x = x + self.attn(self.ln1(x))                       # [B, T, C] 各位置之间交流信息
@@ -191,21 +190,24 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """第 4 步：token 嵌入 + 位置嵌入 → N 个块 → LayerNorm → 输出层（与 token 嵌入共享权重）。"""
+    """第 4 步：token 嵌入 + 位置嵌入 → N 个块 → 归一化 → 输出层（默认与 token 嵌入共享权重）。
+    第 5 步的开关：norm="rms"、pos="rope"（不再有 wpe）、qk_norm、mlp="relu2"/"swiglu"、tie=False。"""
 
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, norm: str = "layer", pos: str = "learned", qk_norm: bool = False,
+                 mlp: str = "gelu", tie: bool = True):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
-                           n_head=n_head, n_embd=n_embd, dropout=dropout)
-        self.block_size = block_size
+        self.config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                           n_embd=n_embd, dropout=dropout, norm=norm, pos=pos, qk_norm=qk_norm, mlp=mlp, tie=tie)
+        self.block_size, self.dropout = block_size, dropout
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.wpe = nn.Embedding(block_size, n_embd) if pos == "learned" else None
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, norm, pos == "rope", qk_norm, mlp)
+                                     for _ in range(n_layer)])
+        self.ln_f = make_norm(norm, n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight               # 权重共享（GPT-2 的做法）
-        self.dropout = dropout
+        if tie:
+            self.lm_head.weight = self.wte.weight           # 权重共享（GPT-2 的做法）
         self.apply(self._init_weights)
         for name, p in self.named_parameters():              # 残差支路的输出层初始化得更小（GPT-2）
             if name.endswith("proj.weight"):
@@ -218,8 +220,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):                   # idx: [B, T] 整数 token id
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)             # [T]
-        x = self.wte(idx) + self.wpe(pos)                    # [B, T, C] = [B, T, C] + [T, C]（广播）
+        x = self.wte(idx)                                    # [B, T, C]
+        if self.wpe is not None:                             # 学到的位置嵌入（用 RoPE 时位置信息在注意力里）
+            x = x + self.wpe(torch.arange(T, device=idx.device))  # [B, T, C] + [T, C]（广播）
         x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)                                     # [B, T, C]
@@ -231,19 +234,51 @@ class GPT(nn.Module):
         return logits, loss
 
 
+# ---------------------------------------------------------------------------
+# 第 5 步的零件：RMSNorm 与旋转位置编码 RoPE（LLaMA、今天的大多数模型都用它们）
+# ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """只除以均方根再缩放：x / sqrt(mean(x²) + eps) · w。比 LayerNorm 少了"减均值"，也没有偏置。"""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):                                    # x: [..., dim]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, bias=False) if kind == "layer" else RMSNorm(dim)
+
+
+def rope_tables(T: int, D: int, device, base: float = 10000.0):
+    """位置 t 的第 i 对维度旋转角度 t·θᵢ，θᵢ = base^(-2i/D)：低维转得快、高维转得慢。返回 cos、sin：[T, D/2]。"""
+    theta = base ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)  # [D/2]
+    angle = torch.arange(T, device=device, dtype=torch.float32)[:, None] * theta[None, :]  # [T, D/2]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):                                 # x: [B, H, T, D]
+    """把 (x[i], x[i+D/2]) 看成平面上的一个点，转 t·θᵢ 角度。旋转不改长度；两个位置的 q·k 只取决于它们的距离。"""
+    x1, x2 = x.chunk(2, dim=-1)                              # 2 × [B, H, T, D/2]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, T, D]
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def print_param_table(model: GPT) -> int:
-    blk = model.blocks[0]
-    rows = [("token 嵌入 wte（输出层共享它）", count_params(model.wte)),
-            ("位置嵌入 wpe", count_params(model.wpe)),
-            ("每块：注意力 qkv+proj", count_params(blk.attn)),
-            ("每块：MLP fc+proj", count_params(blk.mlp)),
-            ("每块：2 个 LayerNorm", count_params(blk.ln1) + count_params(blk.ln2)),
+    blk, tied, norm = model.blocks[0], model.config["tie"], "LayerNorm" if model.config["norm"] == "layer" else "RMSNorm"
+    rows = [(f"token 嵌入 wte（{'输出层共享它' if tied else '输出层另有一份'}）", count_params(model.wte)),
+            ("位置嵌入 wpe" if model.wpe is not None else "位置嵌入（RoPE，没有参数）", count_params(model.wpe or nn.Identity())),
+            ("每块：注意力 qkv+proj" + ("+QK-norm" if model.config["qk_norm"] else ""), count_params(blk.attn)),
+            (f"每块：MLP fc+proj（{model.config['mlp']}）" if model.config["mlp"] != "gelu" else "每块：MLP fc+proj",
+             count_params(blk.mlp)),
+            (f"每块：2 个 {norm}", count_params(blk.ln1) + count_params(blk.ln2)),
             (f"{len(model.blocks)} 个块合计", count_params(model.blocks)),
-            ("最后的 LayerNorm", count_params(model.ln_f))]
+            (f"最后的 {norm}", count_params(model.ln_f))] + ([] if tied else [("输出层 lm_head", count_params(model.lm_head))])
     total = count_params(model)  # parameters() 会去重，共享的权重只算一次
     print("参数量：")
     for name, n in rows:
@@ -272,12 +307,51 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature=1.0, top_k=0, top
 # 4. 优化器与学习率
 # ---------------------------------------------------------------------------
 def build_optimizer(model: GPT, a):
-    """AdamW：矩阵（2 维参数）做权重衰减，LayerNorm 的 1 维参数不做。每组记下自己的基础学习率 base_lr。"""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay, "base_lr": a.lr},
-                              {"params": no_decay, "weight_decay": 0.0, "base_lr": a.lr}],
-                             lr=a.lr, betas=(0.9, a.beta2))
+    """AdamW：矩阵（2 维参数）做权重衰减，归一化层的 1 维参数不做。每组记下自己的基础学习率 base_lr。
+    --optimizer muon：块里的矩阵交给 Muon，嵌入、输出层和归一化层仍用 AdamW（Muon 只对"矩阵乘法的权重"有意义）。"""
+    params = dict(model.named_parameters())                  # 共享的权重只出现一次
+    muon = [p for n, p in params.items() if a.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
+    decay = [p for p in params.values() if p.dim() >= 2 and all(p is not q for q in muon)]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay, "base_lr": a.lr},
+                               {"params": no_decay, "weight_decay": 0.0, "base_lr": a.lr}],
+                              lr=a.lr, betas=(0.9, a.beta2))
+    if not muon:
+        return adamw
+    return Optimizers(Muon([{"params": muon, "base_lr": a.muon_lr}], lr=a.muon_lr), adamw)
+
+
+def newton_schulz(G, steps: int = 5, coeffs=(3.4445, -4.7750, 2.0315)):
+    """把矩阵 G 的所有奇异值推向 1、方向不变：G = U·S·Vᵀ → 约等于 U·Vᵀ（G 的"正交部分"），不用算 SVD。
+    每一轮 X ← a·X + b·(XXᵀ)X + c·(XXᵀ)²X 对每个奇异值 s 做 s ← a·s + b·s³ + c·s⁵；这组系数让小的 s 长得很快。"""
+    X = G / (G.norm() + 1e-7)                                # 先缩放，保证所有奇异值 ≤ 1
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X                                   # 让 XXᵀ 是较小的那个方阵
+    a, b, c = coeffs
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon = 带 Nesterov 动量的 SGD，但每步的更新先"正交化"：所有方向走一样远，
+    不会被梯度里几个特别大的方向主导。只用于 2 维权重矩阵。"""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)     # 动量：梯度的滑动累加
+                g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov：往前多看一步
+                update = newton_schulz(g, group["ns_steps"]) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.add_(update, alpha=-group["lr"])
 
 
 def lr_factor(it: int, progress: float, a) -> float:
@@ -341,7 +415,8 @@ def evaluate(run, data, a, it: int) -> str:
     smp = data["tok"].decode(ids[0, 1:].tolist())
     run.raw.train()
     ev = run.state.evals
-    for key, v in zip(["iter", "tokens", "train", "val", "sample"], [it, it * run.tokens_per_iter, tr, va, smp]):
+    for key, v in zip(["iter", "tokens", "time", "train", "val", "sample"],
+                      [it, it * run.tokens_per_iter, round(run.state.elapsed, 3), tr, va, smp]):
         ev[key].append(v)
     return f"[第 {it} 步] train {tr:.3f} | val {va:.3f}\n样本：{smp[:160]!r}"
 
@@ -387,21 +462,8 @@ def train(run, data, a, dist: Distributed) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 6. 检查点与"续训 == 不中断"自检（保存/读取/Ctrl-C/多进程的细节在 common/training.py）
+# 6. "续训 == 不中断"自检（检查点的保存/读取、Ctrl-C、多进程的细节在 common/training.py）
 # ---------------------------------------------------------------------------
-def checkpoint(run, data, a) -> dict:
-    return checkpoint_dict(run.raw, run.opt, run.batch_gen, run.state, model_config=run.raw.config,
-                           tokenizer=data["tok"].state(), train_args=plain_args(a),
-                           data_sha1=data["sha1"])
-
-
-def save_if_best(run, data, a) -> None:
-    va = run.state.evals["val"][-1]
-    if va < run.state.best_val:
-        run.state.best_val = va
-        save_checkpoint(run.dir / "ckpt_best.pt", checkpoint(run, data, a))
-
-
 def resume_check(run, data, a) -> int:
     """第 5 步自检"续训 == 不中断"：从刚存的 ckpt_last.pt 重建模型和优化器再训 3 步，与内存里的状态接着训 3 步
     逐位比较（common/training.py 的 check_resume_is_exact；不一致就以非零退出码报错）。"""
@@ -426,18 +488,12 @@ def final_eval_and_save(run, data, a) -> dict:
     if not st.evals["iter"] or st.evals["iter"][-1] != st.it:
         evaluate(run, data, a, st.it)
     save_if_best(run, data, a)
-    save_checkpoint(run.dir / "ckpt_last.pt", checkpoint(run, data, a))
+    save_checkpoint(run.dir / "ckpt_last.pt", run_checkpoint(run, data, a))
     full = {}
     if a.final_eval == "full":  # 整个验证集切成不重叠的窗口，一个不漏
         offs = torch.arange((len(data["val"]) - 1) // a.block_size) * a.block_size
         full[a.block_size] = estimate_loss(run.raw, data["val"], offs.split(64), a.block_size, run.device, a)
-    ev = st.evals
-    print(f"\n训练结束：{st.it} 步，{st.it * run.tokens_per_iter:,} 个 token，本次训练 {run.train_time:.1f}s，"
-          f"{run.tok_s:,.0f} token/s；train {ev['train'][-1]:.3f} / val {ev['val'][-1]:.3f}（最好 {st.best_val:.3f}）")
-    for T, v in full.items():
-        print(f"整个验证集（窗口 {T}）上的 loss：{v:.4f}")
-    print(f"最后一个样本：\n{ev['sample'][-1]}")
-    print(f"检查点：{run.dir / 'ckpt_last.pt'}，{run.dir / 'ckpt_best.pt'}")
+    print_summary(run, full)
     return full
 
 
@@ -445,32 +501,21 @@ def final_eval_and_save(run, data, a) -> dict:
 # 8. 命令行参数与主流程
 # ---------------------------------------------------------------------------
 def parse_args(argv=None):
-    """预设 → 命令行覆盖。只给 --max-iters 或只给 --time-budget 时，另一个就不再生效。"""
+    """预设 → 命令行覆盖（common/training.py 的 apply_presets）。每个预设写到自己的文件夹 <out-dir>/<预设>/。"""
     parser = tiny_gpt_parser(NAME, __doc__, PRESETS)
     a = parser.parse_args(argv)
-    if a.quick:
-        a.preset = "quick"
-    given = {k for k, v in vars(a).items() if v is not None}
-    cfg = {**DEFAULTS, **PRESETS[a.preset], **(QUICK_BPE if a.preset == "quick" and a.tokenizer == "bpe" else {})}
-    if "max_iters" in given and "time_budget" not in given:
-        cfg["time_budget"] = None
-    if "time_budget" in given and "max_iters" not in given:
-        cfg["max_iters"] = None
-    for k, v in cfg.items():
-        if getattr(a, k, None) is None:
-            setattr(a, k, v)
-    if a.block_size < 2:
-        parser.error(f"--block-size 必须 ≥ 2（收到 {a.block_size}）")
-    if a.n_embd % a.n_head:
-        parser.error(f"--n-embd ({a.n_embd}) 必须能被 --n-head ({a.n_head}) 整除")
-    a.run_dir = a.out_dir / a.preset                         # 每个预设一个文件夹，互不覆盖
-    return a
+    return apply_presets(parser, a, PRESETS, DEFAULTS, QUICK_BPE if a.tokenizer == "bpe" else {})
+
+
+def model_config(a, vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
+                dropout=a.dropout, norm=a.norm, pos=a.pos, qk_norm=a.qk_norm == "on", mlp=a.mlp, tie=a.head == "tied")
 
 
 def build_run(a, data, ck, dist: Distributed):
     """第 2 步：模型、优化器、抽 batch 的随机数发生器；续训时从检查点恢复它们。"""
     torch.manual_seed(a.seed)
-    raw = GPT(data["tok"].vocab_size, a.block_size, a.n_layer, a.n_head, a.n_embd, a.dropout).to(dist.device)
+    raw = GPT(**model_config(a, data["tok"].vocab_size)).to(dist.device)
     run = type("Run", (), {})()                              # 一个装训练过程中各样东西的空对象
     run.raw, run.device, run.world, run.dir = raw, dist.device, dist.world, a.run_dir
     run.n_params = print_param_table(raw) if dist.master else count_params(raw)
@@ -485,34 +530,13 @@ def build_run(a, data, ck, dist: Distributed):
     return run
 
 
-def sample_only(a, device):
-    path = a.checkpoint or a.run_dir / "ckpt_best.pt"
-    ck = load_checkpoint(path)
-    tok = tokenizer_from_state(ck["tokenizer"])
-    model = GPT(**ck["model_config"]).to(device)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
-    ids = tok.encode(a.prompt)
-    if not ids:
-        raise UserError("提示词不能为空")
-    g = torch.Generator().manual_seed(a.seed)
-    out = generate(model, torch.tensor([ids], device=device), a.max_new_tokens, a.temperature, a.top_k, a.top_p, g)
-    print(f"检查点：{path}（第 {ck['state']['it']} 步，验证 loss {ck['state']['best_val']:.3f}）")
-    print(f"temperature={a.temperature} top_k={a.top_k} top_p={a.top_p}")
-    print("-" * 60)
-    print(tok.decode(out[0].tolist()))
-    print("-" * 60)
-
-
 def main(argv=None):
     a = parse_args(argv)
     torch.set_flush_denormal(True)  # CPU 上极小的浮点数（denormal）会让计算慢几十倍，直接当 0 处理
     dist = Distributed(a.device)                             # torchrun 启动时是多进程数据并行，否则单进程
     setup_run(a)
     if a.sample_only:
-        return sample_only(a, dist.device)
+        return sample_only(a, dist.device, GPT, generate)
     ck = open_run(a, dist.master)                            # 0. 续训 / 不覆盖旧检查点
     data = prepare_data(a, ck, dist.master)                  # 1. 数据
     run = build_run(a, data, ck, dist)                       # 2. 模型与优化器

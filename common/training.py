@@ -181,7 +181,8 @@ class TrainState:
     next_eval: int = 1          # which evaluation comes next (number 0 is at initialisation)
     stopped: str | None = None  # None, "interrupt" (Ctrl-C) or "stop_after"
     history: dict = field(default_factory=lambda: {"iter": [], "train_loss": [], "lr": []})
-    evals: dict = field(default_factory=lambda: {"iter": [], "tokens": [], "train": [], "val": [], "sample": []})
+    evals: dict = field(default_factory=lambda: {"iter": [], "tokens": [], "time": [], "train": [], "val": [],
+                                                  "sample": []})
 
 
 def checkpoint_dict(model, optimizer, batch_gen: torch.Generator, state: TrainState, **extra) -> dict:
@@ -302,6 +303,14 @@ def tiny_gpt_parser(lesson: str, doc: str, presets: dict):
     for f in ["n_layer", "n_head", "n_embd", "block_size"]:
         g.add_argument("--" + f.replace("_", "-"), type=positive_int, default=None)
     g.add_argument("--dropout", type=fraction, default=None)
+    m = p.add_argument_group("从 GPT-2 到今天：每一处改动都能单独打开（不填则用预设）")
+    m.add_argument("--norm", choices=["layer", "rms"], default=None, help="LayerNorm（GPT-2）或 RMSNorm")
+    m.add_argument("--pos", choices=["learned", "rope"], default=None, help="学到的位置嵌入（GPT-2）或 RoPE")
+    m.add_argument("--qk-norm", choices=["off", "on"], default=None, help="注意力打分前把 q、k 归一化")
+    m.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"], default=None, help="MLP 的激活函数")
+    m.add_argument("--head", choices=["tied", "untied"], default=None, help="输出层与 token 嵌入共享权重或不共享")
+    m.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="muon：块里的矩阵用 Muon，其余 AdamW")
+    m.add_argument("--muon-lr", type=positive_float, default=None, help="Muon 的基础学习率（--lr 仍管 AdamW 那部分）")
     t = p.add_argument_group("训练（不填则用预设）")
     for flag, typ, text in [("--batch-size", positive_int, ""), ("--grad-accum", positive_int, "梯度累积步数"),
                             ("--lr", positive_float, "基础学习率"), ("--min-lr-ratio", fraction, "余弦衰减的终点（lr 的倍数）"),
@@ -427,3 +436,125 @@ def write_results(run, data: dict, a, full: dict, png: Path, resume_checked: int
         print(f"训练在第 {st.it} 步停下，检查点已保存。继续训练：{resume_command(a)}")
     print(f"试试生成：python {a.lesson}.py --sample-only --checkpoint {run.dir / 'ckpt_best.pt'} --prompt \"ROMEO:\"")
     return path
+
+
+# ----------------------------------------------------------------------------- presets, data, summary
+def apply_presets(parser, a, presets: dict, defaults: dict, quick_extra: dict):
+    """Preset values fill every flag left at None. Only --max-iters or only --time-budget given: the other
+    one no longer applies. `quick_extra` overrides the quick preset (e.g. fewer steps with the BPE tokenizer)."""
+    if a.quick:
+        a.preset = "quick"
+    given = {k for k, v in vars(a).items() if v is not None}
+    cfg = {**defaults, **presets[a.preset], **(quick_extra if a.preset == "quick" else {})}
+    if "max_iters" in given and "time_budget" not in given:
+        cfg["time_budget"] = None
+    if "time_budget" in given and "max_iters" not in given:
+        cfg["max_iters"] = None
+    for k, v in cfg.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    if a.block_size < 2:
+        parser.error(f"--block-size 必须 ≥ 2（收到 {a.block_size}）")
+    if a.n_embd % a.n_head:
+        parser.error(f"--n-embd ({a.n_embd}) 必须能被 --n-head ({a.n_head}) 整除")
+    if a.pos == "rope" and (a.n_embd // a.n_head) % 2:
+        parser.error(f"RoPE 需要偶数的每头维度（--n-embd / --n-head = {a.n_embd // a.n_head}）")
+    a.run_dir = a.out_dir / a.preset                         # one folder per preset: runs never collide
+    return a
+
+
+def prepare_data(a, ck: dict | None, master: bool) -> dict:
+    """Read and tokenize the text; the last 10% is the validation set. On resume the tokenizer and the data
+    fingerprint come from the checkpoint (a different text cannot be resumed)."""
+    import time
+
+    t0 = time.time()
+    text, source = load_text(a.data)
+    if len(text) < 10 * (a.block_size + 2):
+        raise UserError(f"数据太短（{len(text)} 个字符）；至少需要 {10 * (a.block_size + 2)} 个字符，或减小 --block-size")
+    fingerprint = text_fingerprint(text)
+    if ck is not None and ck["data_sha1"] != fingerprint:
+        raise UserError("检查点是在另一份数据上训练的，不能续训；请用相同的 --data，或去掉 --resume 重新训练")
+    tok = tokenizer_from_state(ck["tokenizer"]) if ck else new_tokenizer(a.tokenizer, text)
+    data = tok.encode_corpus(text)                           # [N] token ids
+    n_val = len(data) // 10
+    train, val = data[:-n_val], data[-n_val:]
+    if len(val) <= a.block_size + 1:
+        raise UserError("验证集比上下文窗口还短；请用更长的文本或减小 --block-size")
+    if master:
+        print(f"数据：{source}，{len(text):,} 个字符，词表 {tok.vocab_size}（{tok.kind}），"
+              f"训练 {len(train):,} / 验证 {len(val):,} 个 token（读取+编码 {time.time() - t0:.1f}s）")
+    return dict(text_chars=len(text), source=source, sha1=fingerprint, tok=tok, train=train, val=val)
+
+
+def print_summary(run, full: dict) -> None:
+    st, ev = run.state, run.state.evals
+    print(f"\n训练结束：{st.it} 步，{st.it * run.tokens_per_iter:,} 个 token，本次训练 {run.train_time:.1f}s，"
+          f"{run.tok_s:,.0f} token/s；train {ev['train'][-1]:.3f} / val {ev['val'][-1]:.3f}（最好 {st.best_val:.3f}）")
+    for T, v in full.items():
+        print(f"整个验证集（窗口 {T}）上的 loss：{v:.4f}")
+    print(f"最后一个样本：\n{ev['sample'][-1]}")
+    print(f"检查点：{run.dir / 'ckpt_last.pt'}，{run.dir / 'ckpt_best.pt'}")
+
+
+class Optimizers:
+    """Several optimizers used as one (Muon for the matrices, AdamW for the rest): step / zero_grad /
+    param_groups / state_dict / load_state_dict, like a torch.optim optimizer."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state):
+        for o, sd in zip(self.opts, state["optimizers"]):
+            o.load_state_dict(sd)
+
+
+def run_checkpoint(run, data: dict, a) -> dict:
+    """The checkpoint of a training run: checkpoint_dict + what --resume and --sample-only need to rebuild it."""
+    return checkpoint_dict(run.raw, run.opt, run.batch_gen, run.state, model_config=run.raw.config,
+                           tokenizer=data["tok"].state(), train_args=plain_args(a), data_sha1=data["sha1"])
+
+
+def save_if_best(run, data: dict, a) -> None:
+    """After an evaluation: a new lowest validation loss -> ckpt_best.pt."""
+    va = run.state.evals["val"][-1]
+    if va < run.state.best_val:
+        run.state.best_val = va
+        save_checkpoint(run.dir / "ckpt_best.pt", run_checkpoint(run, data, a))
+
+
+def sample_only(a, device, model_class, generate) -> None:
+    """--sample-only: load a checkpoint (default: this preset's best) and generate from --prompt."""
+    path = a.checkpoint or a.run_dir / "ckpt_best.pt"
+    ck = load_checkpoint(path)
+    tok = tokenizer_from_state(ck["tokenizer"])
+    model = model_class(**ck["model_config"]).to(device)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
+    ids = tok.encode(a.prompt)
+    if not ids:
+        raise UserError("提示词不能为空")
+    g = torch.Generator().manual_seed(a.seed)
+    out = generate(model, torch.tensor([ids], device=device), a.max_new_tokens, a.temperature, a.top_k, a.top_p, g)
+    print(f"检查点：{path}（第 {ck['state']['it']} 步，验证 loss {ck['state']['best_val']:.3f}）")
+    print(f"temperature={a.temperature} top_k={a.top_k} top_p={a.top_p}")
+    print("-" * 60)
+    print(tok.decode(out[0].tolist()))
+    print("-" * 60)

@@ -18,6 +18,7 @@ SCRIPT = REPO / "04_tiny_gpt.py"
 
 tg = importlib.import_module("04_tiny_gpt")
 from common import training  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.sampling import sampling_probs  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def test_char_tokenizer_round_trip_including_chinese():
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.encode_corpus(text).tolist() == ids  # vectorised corpus encoder agrees with the simple one
-    with pytest.raises(training.UserError):
+    with pytest.raises(UserError):
         tok.encode("X")  # unseen character -> clear error
 
 
@@ -207,7 +208,7 @@ def test_resume_self_check_fails_loudly_when_the_checkpoint_misses_state(tmp_pat
 
     original = training.restore
     monkeypatch.setattr(training, "restore", forgetful_restore)
-    with pytest.raises(tg.UserError, match="自检失败"):
+    with pytest.raises(UserError, match="自检失败"):
         tg.main(["--data", str(text_file), *TINY, "--max-iters", "12", "--out-dir", str(tmp_path)])
 
 
@@ -216,7 +217,7 @@ def test_fresh_run_refuses_to_overwrite_a_previous_checkpoint(tmp_path, text_fil
     tg.main(args)
     ckpt = tmp_path / "small" / "ckpt_best.pt"
     before = ckpt.read_bytes()
-    with pytest.raises(tg.UserError, match="--resume") as e:
+    with pytest.raises(UserError, match="--resume") as e:
         tg.main([*args[:-4], "--max-iters", "3", "--out-dir", str(tmp_path)])
     assert "--overwrite" in str(e.value) and "\n" not in str(e.value)
     assert ckpt.read_bytes() == before                          # the old checkpoint is untouched
@@ -242,9 +243,9 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     assert r.returncode != 0 and "损坏" in r.stderr and "Traceback" not in r.stderr
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(tg.UserError, match="不是本课"):
+    with pytest.raises(UserError, match="不是本课"):
         training.load_checkpoint(foreign)
-    with pytest.raises(tg.UserError, match="找不到检查点"):
+    with pytest.raises(UserError, match="找不到检查点"):
         training.load_checkpoint(tmp_path / "nope.pt")
 
 
