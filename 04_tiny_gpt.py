@@ -51,6 +51,10 @@ PRESETS = {
     # 3 分钟时间预算的配方（与 baby GPT 的对比见 docs/04_tiny_gpt.md 第 6 节）
     "medium": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, lr=3e-3,
                    max_iters=None, time_budget=3.0, warmup_iters=50, eval_iters=20, evals=6),
+    # 今天的配方（第 5 步全部打开 + Muon），同样 3 分钟；学习率是短预算实测挑的，见 docs/04 "从 GPT-2 到今天"
+    "speedrun": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, lr=3e-3, muon_lr=0.02,
+                     norm="rms", pos="rope", qk_norm="on", mlp="relu2", head="untied", optimizer="muon",
+                     max_iters=None, time_budget=3.0, warmup_iters=50, eval_iters=20, evals=6),
 }
 # --quick 配 --tokenizer bpe 时：输出层从 84 个字符变成约 1.9 万个 BPE token，每步慢十几倍，
 # 所以少训练几步、batch 减半，让它也在一分钟内跑完（命令行参数仍可覆盖）
@@ -155,20 +159,20 @@ class MLP(nn.Module):
 
     def __init__(self, n_embd: int, dropout: float = 0.0, kind: str = "gelu"):
         super().__init__()
-        hidden = 4 * n_embd if kind != "swiglu" else 8 * ((8 * n_embd // 3 + 7) // 8)  # swiglu: 2 × 8C/3
+        hidden = 4 * n_embd if kind != "swiglu" else 2 * 8 * ((8 * n_embd // 3 + 7) // 8)  # swiglu：2 × 8C/3
         self.fc = nn.Linear(n_embd, hidden, bias=False)
         self.proj = nn.Linear(hidden if kind != "swiglu" else hidden // 2, n_embd, bias=False)
         self.kind, self.dropout = kind, dropout
 
     def forward(self, x):                                    # x: [B, T, C]
-        h = self.fc(x)                                       # [B, T, 4C] 先升维再非线性
+        h = self.fc(x)                                       # [B, T, 4C]（swiglu：2 × 8C/3）先升维再非线性
         if self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:                                                # swiglu：一半当"门"，一半当"值"
-            gate, value = h.chunk(2, dim=-1)                 # 2 × [B, T, 4C/3]
-            h = F.silu(gate) * value                         # [B, T, 4C/3]
+            gate, value = h.chunk(2, dim=-1)                 # 2 × [B, T, 8C/3]
+            h = F.silu(gate) * value                         # [B, T, 8C/3]
         return F.dropout(self.proj(h), self.dropout, self.training)  # [B, T, C]
 
 
