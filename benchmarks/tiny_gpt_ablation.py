@@ -118,6 +118,7 @@ def plot(rows: list[dict], path: Path, minutes: float) -> Path:
 
 def main(argv=None):
     p = course_parser("04_tiny_gpt", __doc__, groups=())
+    p.prog = "benchmarks/tiny_gpt_ablation.py"
     p.add_argument("--minutes", type=positive_float, default=3.0, help="每个变体的训练时间预算（分钟）")
     p.add_argument("--set", choices=["all", "single", "cumulative"], default="all", help="跑哪一组（参照组总会跑）")
     p.add_argument("--only", default=None, help="逗号分隔的变体名，例如 babygpt,gpt2,speedrun")
