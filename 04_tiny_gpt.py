@@ -35,8 +35,9 @@ from common.cli import setup_run  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 from common.sampling import sample_next_token  # noqa: E402
 from common.training import (Distributed, Optimizers, StopSignal, TrainState, apply_presets,  # noqa: E402
-                             check_resume_is_exact, open_run, plot_losses, prepare_data, print_summary, restore,
-                             run_checkpoint, sample_only, save_checkpoint, save_if_best, tiny_gpt_parser, write_results)
+                             check_resume_is_exact, count_params, open_run, plot_losses, prepare_data,
+                             print_param_table, print_summary, restore, run_checkpoint, sample_only,
+                             save_checkpoint, save_if_best, tiny_gpt_parser, write_results)
 
 NAME = "04_tiny_gpt"
 
@@ -267,28 +268,6 @@ def apply_rope(x, cos, sin):                                 # x: [B, H, T, D]
     """把 (x[i], x[i+D/2]) 看成平面上的一个点，转 t·θᵢ 角度。旋转不改长度；两个位置的 q·k 只取决于它们的距离。"""
     x1, x2 = x.chunk(2, dim=-1)                              # 2 × [B, H, T, D/2]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, T, D]
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def print_param_table(model: GPT) -> int:
-    blk, tied, norm = model.blocks[0], model.config["tie"], "LayerNorm" if model.config["norm"] == "layer" else "RMSNorm"
-    rows = [(f"token 嵌入 wte（{'输出层共享它' if tied else '输出层另有一份'}）", count_params(model.wte)),
-            ("位置嵌入 wpe" if model.wpe is not None else "位置嵌入（RoPE，没有参数）", count_params(model.wpe or nn.Identity())),
-            ("每块：注意力 qkv+proj" + ("+QK-norm" if model.config["qk_norm"] else ""), count_params(blk.attn)),
-            (f"每块：MLP fc+proj（{model.config['mlp']}）" if model.config["mlp"] != "gelu" else "每块：MLP fc+proj",
-             count_params(blk.mlp)),
-            (f"每块：2 个 {norm}", count_params(blk.ln1) + count_params(blk.ln2)),
-            (f"{len(model.blocks)} 个块合计", count_params(model.blocks)),
-            (f"最后的 {norm}", count_params(model.ln_f))] + ([] if tied else [("输出层 lm_head", count_params(model.lm_head))])
-    total = count_params(model)  # parameters() 会去重，共享的权重只算一次
-    print("参数量：")
-    for name, n in rows:
-        print(f"  {name:<28s}{n:>10,d}")
-    print(f"  {'总计':<28s}{total:>10,d}")
-    return total
 
 
 # ---------------------------------------------------------------------------

@@ -558,3 +558,27 @@ def sample_only(a, device, model_class, generate) -> None:
     print("-" * 60)
     print(tok.decode(out[0].tolist()))
     print("-" * 60)
+
+
+# ----------------------------------------------------------------------------- parameter table
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def print_param_table(model) -> int:
+    """Lesson 04's parameter table: embeddings, one block's parts, totals (shared weights counted once)."""
+    blk, tied, norm = model.blocks[0], model.config["tie"], "LayerNorm" if model.config["norm"] == "layer" else "RMSNorm"
+    rows = [(f"token 嵌入 wte（{'输出层共享它' if tied else '输出层另有一份'}）", count_params(model.wte)),
+            ("位置嵌入 wpe" if model.wpe is not None else "位置嵌入（RoPE，没有参数）", count_params(model.wpe or torch.nn.Identity())),
+            ("每块：注意力 qkv+proj" + ("+QK-norm" if model.config["qk_norm"] else ""), count_params(blk.attn)),
+            (f"每块：MLP fc+proj（{model.config['mlp']}）" if model.config["mlp"] != "gelu" else "每块：MLP fc+proj",
+             count_params(blk.mlp)),
+            (f"每块：2 个 {norm}", count_params(blk.ln1) + count_params(blk.ln2)),
+            (f"{len(model.blocks)} 个块合计", count_params(model.blocks)),
+            (f"最后的 {norm}", count_params(model.ln_f))] + ([] if tied else [("输出层 lm_head", count_params(model.lm_head))])
+    total = count_params(model)  # parameters() 会去重，共享的权重只算一次
+    print("参数量：")
+    for name, n in rows:
+        print(f"  {name:<28s}{n:>10,d}")
+    print(f"  {'总计':<28s}{total:>10,d}")
+    return total
