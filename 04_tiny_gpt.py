@@ -448,7 +448,7 @@ def train(run, data, a, dist: Distributed) -> None:
 # 6. "续训 == 不中断"自检（检查点的保存/读取、Ctrl-C、多进程的细节在 common/training.py）
 # ---------------------------------------------------------------------------
 def resume_check(run, data, a) -> int:
-    """第 5 步自检"续训 == 不中断"：从刚存的 ckpt_last.pt 重建模型和优化器再训 3 步，与内存里的状态接着训 3 步
+    """收尾时的自检"续训 == 不中断"：从刚存的 ckpt_last.pt 重建模型和优化器再训 3 步，与内存里的状态接着训 3 步
     逐位比较（common/training.py 的 check_resume_is_exact；不一致就以非零退出码报错）。"""
     factor = run.state.history["lr"][-1] / a.lr if run.state.history["lr"] else 1.0
     local = Distributed.local(run.device)

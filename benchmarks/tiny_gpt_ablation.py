@@ -95,12 +95,16 @@ def table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
         by.setdefault(r["name"], []).append(r)
-    lines = ["| 变体 | 改动 | 参数 | 步数 | token/s | val（整个验证集） |", "|---|---|---|---|---|---|"]
+    mean = {n: sum(r["val_full"] for r in rs) / len(rs) for n, rs in by.items()}
+    tok_s = {n: sum(r["tokens_per_s"] for r in rs) / len(rs) for n, rs in by.items()}
+    lines = ["| 变体 | 改动 | 参数 | 步数 | token/s（相对 gpt2） | val（整个验证集） | 比 gpt2 |", "|---|---|---|---|---|---|---|"]
     for name, rs in by.items():
         vals = [r["val_full"] for r in rs]
-        val = f"{sum(vals) / len(vals):.4f}" + (f"（{', '.join(f'{v:.4f}' for v in vals)}）" if len(vals) > 1 else "")
+        val = f"{mean[name]:.4f}" + (f"（{', '.join(f'{v:.4f}' for v in vals)}）" if len(vals) > 1 else "")
+        rel = f"（{tok_s[name] / tok_s['gpt2']:.2f}×）" if "gpt2" in tok_s else ""
+        delta = f"{mean[name] - mean['gpt2']:+.4f}" if "gpt2" in mean else ""
         lines.append(f"| {name} | {VARIANTS[name][1]} | {rs[0]['params']:,} | {sum(r['iters'] for r in rs) // len(rs):,} "
-                     f"| {sum(r['tokens_per_s'] for r in rs) / len(rs):,.0f} | {val} |")
+                     f"| {tok_s[name]:,.0f}{rel} | {val} | {delta} |")
     return "\n".join(lines)
 
 
