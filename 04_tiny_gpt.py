@@ -414,7 +414,7 @@ def train(run, data, a, dist: Distributed) -> None:
         bar.write(evaluate(run, data, a, 0) + f"\n（随机初始化时 loss 应≈ln({data['tok'].vocab_size})="
                   f"{math.log(data['tok'].vocab_size):.3f}）")
     run.model.train()
-    it0, el0, t_start = st.it, st.elapsed, time.time() - st.elapsed
+    it0, el0, t_start, cpu_start = st.it, st.elapsed, time.time() - st.elapsed, time.process_time()
     with StopSignal(verbose=dist.master) as stop:
         while True:
             done = progress_of(st, a) >= 1.0
@@ -432,16 +432,18 @@ def train(run, data, a, dist: Distributed) -> None:
                 tok_s = (st.it - it0) * run.tokens_per_iter / max(st.elapsed - el0, 1e-9)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if progress_of(st, a) >= st.next_eval / a.evals - 1e-12 and st.next_eval <= a.evals:
-                pause = time.time()
+                pause, pause_cpu = time.time(), time.process_time()
                 st.next_eval += 1
                 if dist.master:                              # 评估点（按进度均匀分布）：评估、打印样本、存 best
                     bar.write(evaluate(run, data, a, st.it) + f"（lr {a.lr * factor:.2e}）")
                     save_if_best(run, data, a)
                 t_start += time.time() - pause               # 评估和打印样本的时间不算进训练时间
+                cpu_start += time.process_time() - pause_cpu
     bar.close()
     st.stopped = stop.reason
     run.train_time = st.elapsed - el0
     run.tok_s = (st.it - it0) * run.tokens_per_iter / max(run.train_time, 1e-9)
+    run.cpu_time = time.process_time() - cpu_start           # 本进程用掉的 CPU 时间：机器很忙时比墙钟时间可靠
 
 
 # ---------------------------------------------------------------------------

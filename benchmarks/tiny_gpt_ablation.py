@@ -16,6 +16,8 @@ Usage:
   python benchmarks/tiny_gpt_ablation.py --minutes 3 --only babygpt,gpt2,speedrun --repeat 2
 Writes outputs/04_tiny_gpt/ablation/ablation.json, ablation.md (the table) and loss_vs_time.png.
 Timings are wall-clock: close other programs; the script prints the load average before and after.
+On a busy machine also look at "CPU ms per 1k tokens" (process CPU time, evaluations excluded): with --threads 1
+it barely depends on what else runs, so it compares the cost of the variants fairly even when tokens/s cannot.
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ def run_variant(name: str, flags: list[str], a, out: Path, rep: int) -> dict:
           f"进程 {time.time() - t0:.0f} s", flush=True)
     return {"name": name, "rep": rep, "flags": flags, "params": res["n_params"], "iters": res["iters"],
             "tokens": res["tokens_seen"], "tokens_per_s": res["tokens_per_s"], "train_time_s": res["train_time_s"],
+            "cpu_ms_per_token": 1000 * res["train_cpu_s"] / max(res["tokens_seen"], 1),
             "val_full": full, "val_fixed": res["final_val_loss"], "curve_time": res["evals"]["time"],
             "curve_val": res["evals"]["val"], "model_config": res["model_config"]}
 
@@ -97,14 +100,16 @@ def table(rows: list[dict]) -> str:
         by.setdefault(r["name"], []).append(r)
     mean = {n: sum(r["val_full"] for r in rs) / len(rs) for n, rs in by.items()}
     tok_s = {n: sum(r["tokens_per_s"] for r in rs) / len(rs) for n, rs in by.items()}
-    lines = ["| 变体 | 改动 | 参数 | 步数 | token/s（相对 gpt2） | val（整个验证集） | 比 gpt2 |", "|---|---|---|---|---|---|---|"]
+    cpu = {n: sum(r["cpu_ms_per_token"] for r in rs) / len(rs) for n, rs in by.items()}
+    lines = ["| 变体 | 改动 | 参数 | 步数 | token/s（相对 gpt2） | CPU 毫秒/千 token | val（整个验证集） | 比 gpt2 |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rs in by.items():
         vals = [r["val_full"] for r in rs]
         val = f"{mean[name]:.4f}" + (f"（{', '.join(f'{v:.4f}' for v in vals)}）" if len(vals) > 1 else "")
         rel = f"（{tok_s[name] / tok_s['gpt2']:.2f}×）" if "gpt2" in tok_s else ""
         delta = f"{mean[name] - mean['gpt2']:+.4f}" if "gpt2" in mean else ""
         lines.append(f"| {name} | {VARIANTS[name][1]} | {rs[0]['params']:,} | {sum(r['iters'] for r in rs) // len(rs):,} "
-                     f"| {tok_s[name]:,.0f}{rel} | {val} | {delta} |")
+                     f"| {tok_s[name]:,.0f}{rel} | {1000 * cpu[name]:.1f} | {val} | {delta} |")
     return "\n".join(lines)
 
 

@@ -424,6 +424,7 @@ def write_results(run, data: dict, a, full: dict, png: Path, resume_checked: int
                "threads": torch.get_num_threads(), "device": str(run.device), "world_size": run.world,
                "iters": st.it, "tokens_seen": st.it * run.tokens_per_iter, "train_time_s": round(run.train_time, 2),
                "total_train_time_s": round(st.elapsed, 2), "tokens_per_s": round(run.tok_s, 1),
+               "train_cpu_s": round(run.cpu_time, 2),
                "init_loss": ev["val"][0], "ln_vocab": math.log(tok.vocab_size),
                "final_train_loss": ev["train"][-1], "final_val_loss": ev["val"][-1], "best_val_loss": st.best_val,
                "final_val_loss_full": {str(T): v for T, v in full.items()} or None, "evals": ev,
