@@ -4,18 +4,20 @@ Runs, one after the other (never in parallel, they would share the cores), with 
 the same time budget and the same final evaluation (mean loss over the WHOLE validation set, cut into
 non-overlapping windows of each model's own context length):
 
-  ours      04_tiny_gpt.py --preset medium                (the lesson's best 3-minute recipe)
+  speedrun  04_tiny_gpt.py --preset speedrun              (today's recipe: RMSNorm, RoPE, QK-norm, ReLU², Muon)
+  ours      04_tiny_gpt.py --preset medium                (the lesson's GPT-2-block 3-minute recipe)
   baseline  nanoGPT "baby GPT" recipe: 4 layers, 4 heads, 128 dims, block 64, batch 12, lr 1e-3,
             warmup 100, cosine to 1e-4, AdamW(beta2=0.99, wd=0.1), grad clip 1, no dropout
 
 Both go through 04_tiny_gpt.py (subprocess + results.json), so the difference shown is the recipe;
-both also get the implementation choices of the script (fused SDPA attention, tensor-indexed batches,
+all get the implementation choices of the script (fused SDPA attention, tensor-indexed batches,
 flush-denormal). The learning-rate schedule of each decays over the time budget.
-Training time excludes the periodic evaluations/samples (same rule for both).
+Training time excludes the periodic evaluations/samples (same rule for all).
 
-Usage:  python benchmarks/tiny_gpt_3min.py [--minutes 3] [--threads 2] [--only ours|baseline] [--parallel]
+Usage:  python benchmarks/tiny_gpt_3min.py [--minutes 3] [--threads 2] [--only speedrun|ours|baseline] [--parallel]
+The per-change breakdown (each modern change alone and cumulatively) is benchmarks/tiny_gpt_ablation.py.
 Timings are wall-clock: close other programs; repeat to see the noise. On a machine that is busy with
-other work, --parallel runs both recipes at the same time with 1 thread each, so both see the same load.
+other work, --parallel runs the recipes at the same time with 1 thread each, so both see the same load.
 """
 from __future__ import annotations
 
@@ -33,18 +35,19 @@ from common.outputs import output_dir  # noqa: E402
 
 SCRIPT = REPO / "04_tiny_gpt.py"
 RECIPES = {
+    "speedrun": ["--preset", "speedrun"],
     "ours": ["--preset", "medium"],
     "baseline": ["--preset", "small", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
                  "--batch-size", "12", "--lr", "1e-3", "--warmup-iters", "100", "--min-lr-ratio", "0.1",
                  "--beta2", "0.99", "--weight-decay", "0.1", "--dropout", "0", "--grad-accum", "1",
-                 "--dtype", "fp32"],
+                 "--autocast", "off"],
 }
 
 
 def start_recipe(name: str, minutes: float, threads: int | None, out: Path, extra: list[str]):
-    d = out / name
+    d = out / name / RECIPES[name][1]       # the lesson writes each preset to <out-dir>/<preset>/
     cmd = [sys.executable, str(SCRIPT), *RECIPES[name], "--time-budget", str(minutes), "--final-eval", "full",
-           "--out-dir", str(d), *extra]
+           "--out-dir", str(out / name), "--overwrite", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
@@ -57,11 +60,12 @@ def finish_recipe(job) -> dict:
     rc = proc.wait()
     wall = time.time() - t0
     log.close()
-    text = (d.parent / f"{name}.log").read_text(encoding="utf-8").replace("\r", "\n")
-    print(f"--- {name} (last lines of {d.parent / (name + '.log')})")
+    log_path = d.parent.parent / f"{name}.log"
+    text = log_path.read_text(encoding="utf-8").replace("\r", "\n")
+    print(f"--- {name} (last lines of {log_path})")
     print("\n".join([line for line in text.strip().splitlines() if "it/s" not in line][-8:]))
     if rc != 0:
-        raise UserError(f"{name} 运行失败（退出码 {rc}）；看 {d.parent / (name + '.log')}")
+        raise UserError(f"{name} 运行失败（退出码 {rc}）；看 {log_path}")
     res = json.loads((d / "results.json").read_text(encoding="utf-8"))
     res["process_wall_s"] = round(wall, 1)
     return res
@@ -73,7 +77,7 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", choices=list(RECIPES), default=None)
     p.add_argument("--data", type=str, default=None, help="默认：莎士比亚全集（与第 04 课相同的划分）")
-    p.add_argument("--parallel", action="store_true", help="两个配方同时跑、各 1 个线程（机器很忙时更公平）")
+    p.add_argument("--parallel", action="store_true", help="所有配方同时跑、各 1 个线程（机器很忙时更公平）")
     a = p.parse_args()
     if a.minutes <= 0:
         p.error("--minutes 必须 > 0")
@@ -94,7 +98,7 @@ def main():
         return (f"{n:<9s} {cfg['n_layer']}L/{cfg['n_head']}H/{cfg['n_embd']:<4d} T={cfg['block_size']:<4d} "
                 f"B={r['train_args']['batch_size']:<3d} {r['n_params']:>9,d} {r['iters']:>6d} {r['tokens_seen']:>11,d} "
                 f"{r['tokens_per_s']:>9,.0f} {r['train_time_s']:>7.1f} {r['final_val_loss']:>9.4f} {own:>9.4f}")
-    print(f"\n训练时间预算 {a.minutes} 分钟，线程 {results[names[0]]['threads']}{'，两个配方同时跑' if a.parallel else ''}；"
+    print(f"\n训练时间预算 {a.minutes} 分钟，线程 {results[names[0]]['threads']}{'，所有配方同时跑' if a.parallel else ''}；"
           "val_fixed = 固定的几个验证 batch，val_full = 整个验证集的平均交叉熵")
     print(f"{'recipe':<9s} {'model':<26s} {'params':>9s} {'iters':>6s} {'tokens':>11s} {'tok/s':>9s} "
           f"{'train_s':>7s} {'val_fixed':>9s} {'val_full':>9s}")

