@@ -299,10 +299,12 @@ def answer_with_sources(args, kb, hits, client, enc, question: str, prompt_lang:
         print("----- 提示词结束 -----")
     n_prompt = sum(len(enc.encode_ordinary(m["content"])) for m in messages)
     print(f"  提示词约 {n_prompt} token（{len(hits)} 个块）。后端：{client.backend}（{client.model_name}）")
-    if client.backend == "local":
-        print("  提醒：本地模型只有 1.35 亿参数、只懂英文，回答可能不准或不引用出处——检索结果本身更可靠。")
+    if client.backend == "local" and client.local_key == "smollm2":
+        print("  提醒：本地模型 SmolLM2 只有 1.35 亿参数、只懂英文，回答可能不准或不引用出处——检索结果本身更可靠。"
+              "更好的本地回答：--local-model qwen0.5b（Qwen2.5 0.5B，中英文，首次多下载约 478 MB）。")
     if prompt_lang is None:
-        print("  本地小模型读不懂中文资料，这里不生成回答。要中文回答，请用 --backend openai（或 Ollama 的 --base-url）。")
+        print("  SmolLM2 读不懂中文资料，这里不生成回答。要中文回答：--local-model qwen0.5b（本地，中英文），"
+              "或 --backend openai（或 Ollama 的 --base-url）。")
         return
     print("  回答：", end="")
     t0 = time.perf_counter()
@@ -435,9 +437,10 @@ def main(argv=None) -> int:
         client, kb = build_index(args, docs, chunks, results)                  # 第 3 步
         hits = retrieve(args, kb, args.question, results)                      # 第 4 步
         if not args.json:
-            # 本地小模型只懂英文：中文知识库 + 本地模型时不生成回答（prompt_lang = None）
-            local_zh = client.backend == "local" and args.lang == "zh" and not custom
-            prompt_lang = None if local_zh else ("zh" if args.lang == "zh" and client.backend != "local" else "en")
+            # SmolLM2 只懂英文：中文知识库 + SmolLM2 时不生成回答（prompt_lang = None）；Qwen 中英文都行
+            english_only = client.backend == "local" and client.local_key == "smollm2"
+            local_zh = english_only and args.lang == "zh" and not custom
+            prompt_lang = None if local_zh else ("zh" if args.lang == "zh" and not english_only else "en")
             questions = evaluate_retrieval(args, kb, enc, client, eval_path, results)          # 第 5 步
             answer_with_sources(args, kb, hits, client, enc, args.question, prompt_lang, results)  # 第 6 步
             evaluate_answers(args, kb, questions, client, prompt_lang, results)                # 第 7 步
