@@ -80,7 +80,7 @@ def test_damaged_cached_file_is_refused_and_fetched_again(split_index, damage, c
 
 def test_wrong_parts_are_refused_and_nothing_is_kept(split_index):
     spec = _spec(PARTS)
-    _build_part_wheels(split_index, spec, [PARTS[0], PARTS[2], PARTS[1]])   # same bytes, wrong order
+    _build_part_wheels(split_index, spec, [PARTS[1], PARTS[0]])   # same bytes, wrong order
     with pytest.raises(UserError, match="SHA-256"):
         wheels.find_split_file(spec, quiet=True)
     assert not spec.cache_path().exists()
