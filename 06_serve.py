@@ -753,10 +753,11 @@ def bind(host: str, port: int):
 class Running:
     """在后台线程里运行的 uvicorn 服务器（--demo 和测试用）：with 块结束时优雅退出。"""
 
-    def __init__(self, srv: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, srv: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 wait_ready: bool = True):
         import uvicorn
 
-        self.srv, self.sock = srv, bind(host, port)
+        self.srv, self.sock, self.wait_ready = srv, bind(host, port), wait_ready
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}/v1"
         self.server = uvicorn.Server(uvicorn.Config(build_app(srv), log_level=log_level,
@@ -766,7 +767,7 @@ class Running:
     def __enter__(self) -> "Running":
         self.thread.start()
         deadline = time.monotonic() + 300
-        while not (self.server.started and self.srv.ready()):
+        while not (self.server.started and (self.srv.ready() or not self.wait_ready)):
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise UserError("服务器没能启动（见上面的日志）。")
             time.sleep(0.05)
