@@ -33,6 +33,13 @@ BAD_FLAGS = [
     ("05_lora.py", ["--quick", "--seed", "x"]),
     ("05_lora.py", ["--steps", "-1"]),
     ("05_lora.py", ["--data", "/no/such/file.json"]),
+    ("06_serve.py", ["--quick", "--seed", "x"]),
+    ("06_serve.py", ["--port", "0"]),
+    ("06_serve.py", ["--port", "-5"]),
+    ("06_serve.py", ["--port", "70000"]),
+    ("06_serve.py", ["--max-batch", "0"]),
+    ("06_serve.py", ["--rate-limit-rpm", "-1"]),
+    ("06_serve.py", ["--demo", "--clients", "0,4"]),
 ]
 
 
