@@ -89,6 +89,30 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.metrics = metrics
         self.step_stats: dict[int, list] = collections.defaultdict(lambda: [0, 0.0])  # 批大小 -> [步数, 秒]
+        self.prefix: tuple | None = None           # 前缀缓存：(token ids, 每层的 K, 每层的 V)
+        self.prefix_hits = 0                       # 有多少个提示词 token 靠前缀缓存省掉了预填充
+
+    @torch.inference_mode()
+    def set_prefix(self, ids: list[int]) -> None:
+        """前缀缓存（vLLM 的 prefix caching / SGLang 的 RadixAttention 的最简版）：所有请求共有的开头
+        （聊天模板里的默认系统提示词）只算一次 K/V；新请求以它开头时直接复制过去，不再重复预填充。"""
+        cache = self.model.new_cache(1, len(ids))
+        self.model(torch.tensor([ids], device=self.model.device), cache=cache)
+        self.prefix = (list(ids), [k[0, :, :len(ids)].clone() for k in cache.k],
+                       [v[0, :, :len(ids)].clone() for v in cache.v])
+
+    def _reuse_prefix(self, job: Job, slot: int) -> None:
+        ids, ks, vs = self.prefix or ([], [], [])
+        P = len(ids)
+        if not P or len(job.prompt) <= P or job.prompt[:P] != ids:
+            return
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            self.cache.k[layer][slot, :, :P] = k
+            self.cache.v[layer][slot, :, :P] = v
+        self.cache.lengths[slot] = self.cache.pos[slot] = P
+        self.cache.valid[slot, :P] = True
+        job.fed = P                                   # 从前缀之后开始预填充
+        self.prefix_hits += P
 
     # ---- 给服务器用的接口（任何线程都可以调用）
     def submit(self, job: Job) -> Job:
@@ -137,7 +161,13 @@ class Engine:
                     self._admit()
                 if not self.running:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:                 # 一步出错：结束当前这些请求，引擎继续服务后来的
+                import traceback
+                traceback.print_exc()
+                for job in [j for j in self.slots if j]:
+                    self._finish(job, "error")
 
     def _admit(self) -> None:
         """等待中的请求占据空闲的行（最小的空行号，让运行中的行尽量挤在前面）。"""
@@ -154,6 +184,7 @@ class Engine:
                 job.slot, job.fed, job.generated = slot, 0, []
                 job.gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
                 self.cache.reset_rows([slot])                 # 这一行从空开始
+                self._reuse_prefix(job, slot)
                 self.slots[slot] = job
         self._gauges()
 
@@ -479,13 +510,14 @@ class Server:
     """服务器的全部状态：模型 + 引擎、认证、限流、会话库、指标。"""
 
     def __init__(self, *, auth: Auth, rate_limit_rpm: int, session_db, max_batch: int, max_context: int,
-                 prefill_chunk: int, max_queue: int, default_max_tokens: int, load_model: Callable):
+                 prefill_chunk: int, max_queue: int, default_max_tokens: int, load_model: Callable,
+                 prefix_cache: bool = True):
         self.auth, self.limiter, self.metrics = auth, RateLimiter(rate_limit_rpm), Metrics()
         self.session_db, self.sessions = session_db, None
         self.engine_args = dict(max_batch=max_batch, max_len=max_context, prefill_chunk=prefill_chunk,
                                 max_queue=max_queue)
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
-        self.load_model, self.lm, self.engine = load_model, None, None
+        self.load_model, self.lm, self.engine, self.prefix_cache = load_model, None, None, prefix_cache
         self.stop_note: str | None = None          # 停止后打印的一句话（前台运行时）
 
     def start(self) -> None:
@@ -495,7 +527,10 @@ class Server:
 
     def _load(self) -> None:
         lm = self.load_model()
-        self.engine = Engine(lm.model, metrics=self.metrics, **self.engine_args).start()
+        engine = Engine(lm.model, metrics=self.metrics, **self.engine_args)
+        if self.prefix_cache:                         # 默认系统提示词：每个没自带系统消息的请求都以它开头
+            engine.set_prefix(lm.tokenizer.apply_chat_template([], add_generation_prompt=False))
+        self.engine = engine.start()
         self.lm = lm
 
     def stop(self) -> None:
@@ -601,7 +636,7 @@ def srv_of(request: Request) -> Server:
     return request.app.state.srv
 
 
-def caller(request: Request) -> str:
+async def caller(request: Request) -> str:
     """每个 /v1 路由的依赖：认证 → 限流 → 模型就绪，返回调用者身份。"""
     return srv_of(request).guard(request)
 
@@ -653,7 +688,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
     head = {"id": f"chatcmpl-{reply.job.id}", "created": int(time.time()), "model": MODEL_ID}
 
     def remember():                    # 只有完整结束的回答才写进会话
-        if body.session_id and reply.finish:
+        if body.session_id and reply.finish in ("stop", "length"):
             srv.sessions.append(body.session_id, who, new + [{"role": "assistant", "content": reply.text}])
 
     async def events():
@@ -687,7 +722,7 @@ async def generate_text(body: GenerateRequest, request: Request, who: str = Depe
                        body.top_p, body.seed, [])
     async for _ in reply.pieces(request):
         pass
-    if reply.finish:
+    if reply.finish in ("stop", "length"):
         srv.sessions.append(session, who, new + [{"role": "assistant", "content": reply.text}])
     return {"text": reply.text, "session_id": session, "finish_reason": reply.finish, "usage": reply.usage()}
 
@@ -818,7 +853,7 @@ def make_server(args, lm=None, **overrides) -> Server:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     return Server(**settings, max_batch=args.max_batch, max_context=args.max_context,
                   prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-                  default_max_tokens=args.max_new_tokens,
+                  default_max_tokens=args.max_new_tokens, prefix_cache=not args.no_prefix_cache,
                   load_model=lambda: lm or load_local_model(dtype=args.dtype, device=args.torch_device))
 
 
@@ -1096,6 +1131,11 @@ def demo(args) -> int:
         print(f"同一台服务器、同一份引擎代码：'一次一个' = 引擎只用 KV 缓存的 1 行；'连续批处理' = 最多 "
               f"{srv.engine.cache.batch} 行。KV 缓存预分配 {srv.engine.cache.nbytes_allocated() / 2**20:.0f} MB。")
         load = load_test(run, key, clients, per_client, load_tokens, args.seed)
+        prompt_tokens = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
+        load["prefix_cached_tokens"], load["prompt_tokens"] = srv.engine.prefix_hits, prompt_tokens
+        if srv.engine.prefix:
+            print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
+                  f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
     weight_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
     findings = report(load, weight_mb)
     plot(load, args.out_dir / "serve_load.png")
@@ -1134,6 +1174,7 @@ def build_parser():
     s.add_argument("--max-context", type=positive_int, default=1024, help="每个请求的提示词 + 生成 token 上限")
     s.add_argument("--prefill-chunk", type=positive_int, default=64, help="长提示词每步最多预填充多少 token（分块预填充）")
     s.add_argument("--max-queue", type=positive_int, default=64, help="等待队列上限，满了回 503")
+    s.add_argument("--no-prefix-cache", action="store_true", help="关掉前缀缓存（默认系统提示词的 K/V 只算一次）")
     add_max_new_tokens(p, 256, "请求没写 max_tokens 时最多生成多少个新 token")
     d = p.add_argument_group("演示与压测（--demo）")
     d.add_argument("--demo", action="store_true", help="运行本课演示：进程内启动服务器，用 openai SDK 当客户端，最后压测")

@@ -59,6 +59,8 @@ def main() -> int:
           f"max batch {args.max_batch}")
     with lesson.Running(srv) as run:
         load = lesson.load_test(run, key, clients, per_client, load_tokens, args.seed)
+        load["prefix_cached_tokens"] = srv.engine.prefix_hits
+        load["prompt_tokens"] = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
     weight_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
     findings = lesson.report(load, weight_mb)
     load_after = os.getloadavg()

@@ -75,17 +75,23 @@ def assert_error_shape(body):
 # ------------------------------------------------------------------ the engine
 def test_engine_batched_greedy_tokens_equal_running_alone(local_fp32):
     """Requests of different prompt lengths join a running batch at different steps (chunked prefill
-    of 16 tokens, 3 rows for 5 requests, so some wait and reuse a freed row): every request's greedy
-    tokens equal common/generate.generate run on that prompt alone."""
+    of 16 tokens, 3 rows for 5 requests, so some wait and reuse a freed row; the shared system prompt
+    comes from the prefix cache, except for the request with its own system message): every request's
+    greedy tokens equal common/generate.generate run on that prompt alone."""
     from common.generate import generate
 
     lm, tok = local_fp32, local_fp32.tokenizer
     prompts = ["Hi", "What is the capital of France?", "Write a poem about the sea, the wind and the stars.",
                "List three fruits.", "Explain gravity to a child in two short sentences, using simple words."]
     lengths = [4, 6, 3, 5, 4]
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    chats[3].insert(0, {"role": "system", "content": "You are a grocer."})      # no prefix-cache hit
+    ids = [tok.apply_chat_template(c) for c in chats]
     expected = [list(generate(lm.model, p, n, stop_ids=tok.eos_ids)) for p, n in zip(ids, lengths)]
-    engine = serve.Engine(lm.model, max_batch=3, max_len=128, prefill_chunk=16).start()
+    engine = serve.Engine(lm.model, max_batch=3, max_len=128, prefill_chunk=16)
+    prefix = tok.apply_chat_template([], add_generation_prompt=False)
+    engine.set_prefix(prefix)
+    engine.start()
     got, done = {}, threading.Semaphore(0)
     try:
         for i, (p, n) in enumerate(zip(ids, lengths)):
@@ -100,6 +106,7 @@ def test_engine_batched_greedy_tokens_equal_running_alone(local_fp32):
     assert [got[i] for i in range(len(ids))] == expected
     assert engine.busy() == (0, 0)
     assert max(engine.step_stats) > 1, "no step ran more than one sequence at once"
+    assert engine.prefix_hits == 4 * len(prefix)
 
 
 def test_engine_rejects_too_long_and_full_queue(local_fp32):
