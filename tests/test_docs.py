@@ -214,7 +214,7 @@ def test_mentioned_script_exists(script):
 def test_readme_lists_all_five_lessons():
     table = [ln for ln in README.read_text(encoding="utf-8").splitlines() if re.match(r"\|\s*`0\d_", ln)]
     scripts = [SCRIPT_NAME_RE.search(ln).group(0) for ln in table]
-    assert [s[:2] for s in scripts] == ["01", "02", "03", "04", "05"], scripts
+    assert len(scripts) >= 5 and [s[:2] for s in scripts] == [f"{i:02d}" for i in range(1, len(scripts) + 1)], scripts
     for ln in table:  # every lesson runs without an API key
         assert "| 否 |" in ln, ln
 
