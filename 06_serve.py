@@ -1072,8 +1072,10 @@ def report(load: dict, weight_mb: float | None) -> dict:
     flat = next((b["clients"] for a, b in zip(bat, bat[1:]) if b["tok_s"] < 1.25 * a["tok_s"]), None)
     if flat:
         i = [b["clients"] for b in bat].index(flat)
-        print(f"曲线在 {bat[i - 1]['clients']} → {flat} 个客户端时变平（吞吐只 ×{bat[i]['tok_s'] / bat[i - 1]['tok_s']:.2f}）："
-              f"批大了以后矩阵乘变成'算力受限'，2 个核心的算力用满了，再加上注意力和 padding 的开销。")
+        gain = bat[i]["tok_s"] / bat[i - 1]["tok_s"]
+        why = ("批大了以后矩阵乘变成'算力受限'，2 个核心的算力用满了，再加上注意力和 padding 的开销"
+               if gain >= 1 else "吞吐反而下降了：多半是别的程序在抢 CPU（看看结尾的机器负载）")
+        print(f"曲线在 {bat[i - 1]['clients']} → {flat} 个客户端时变平（吞吐 ×{gain:.2f}）：{why}。")
     else:
         print("在测到的范围内，吞吐还在随并发数明显上升（没有变平）。")
     a, b, c = bat[0], bat[-1], one[-1]
