@@ -1069,9 +1069,10 @@ def report(load: dict, weight_mb: float | None) -> dict:
         if weight_mb:
             print(f"  （批大小 1 时一步读约 {weight_mb:.0f} MB 权重，相当于 {weight_mb / steps[1]:.1f} GB/s："
                   f"这一步是'读内存受限'，计算单元大多在等数据；多放几行进来，读一次权重就能多算几个 token。）")
-    flat = next((b["clients"] for a, b in zip(bat, bat[1:]) if b["tok_s"] < 1.25 * a["tok_s"]), None)
+    gains = [b["tok_s"] / a["tok_s"] for a, b in zip(bat, bat[1:])]
+    i = next((i for i in range(1, len(bat)) if all(g < 1.25 for g in gains[i - 1:])), None)  # 此后每步都 < 1.25 倍
+    flat = bat[i]["clients"] if i else None
     if flat:
-        i = [b["clients"] for b in bat].index(flat)
         gain = bat[i]["tok_s"] / bat[i - 1]["tok_s"]
         why = ("批大了以后矩阵乘变成'算力受限'，2 个核心的算力用满了，再加上注意力和 padding 的开销"
                if gain >= 1 else "吞吐反而下降了：多半是别的程序在抢 CPU（看看结尾的机器负载）")
