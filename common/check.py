@@ -43,7 +43,8 @@ def main() -> int:
     line(OK if v >= (3, 10) else FAIL, "Python", f"{platform.python_version()}（需要 ≥ 3.10）")
     imports = {"torch": "torch", "numpy": "numpy", "tiktoken": "tiktoken", "openai": "openai", "gguf": "gguf",
                "safetensors": "safetensors", "tokenizers": "tokenizers", "tqdm": "tqdm",
-               "matplotlib": "matplotlib", "python-dotenv": "dotenv", "regex": "regex"}
+               "matplotlib": "matplotlib", "python-dotenv": "dotenv", "regex": "regex", "pyjwt": "jwt",
+               "prometheus-client": "prometheus_client"}
     for dist, want in pinned_requirements().items():
         try:
             importlib.import_module(imports.get(dist, dist.replace("-", "_")))
