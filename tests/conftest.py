@@ -112,3 +112,27 @@ class LessonRuns:
 @pytest.fixture(scope="session")
 def lesson_runs(tmp_path_factory) -> LessonRuns:
     return LessonRuns(tmp_path_factory.mktemp("lesson_runs"))
+
+
+@pytest.fixture()
+def local_index(tmp_path, monkeypatch):
+    """pip's own configuration, pointed at a local find-links folder only (no network, no user config)."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLM_COURSE_NO_DOWNLOAD", raising=False)
+    return index
+
+
+@pytest.fixture(scope="module")
+def restore_torch_globals():
+    """A lesson's main() sets torch threads / flush-denormal: don't leak that into other test files."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)

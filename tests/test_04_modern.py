@@ -14,11 +14,8 @@ tg = importlib.import_module("04_tiny_gpt")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
+def _restore(restore_torch_globals):
     yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
 
 
 def rope_reference(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

@@ -23,12 +23,8 @@ from common.sampling import sampling_probs  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_torch_globals():
-    # main() sets torch threads / flush-denormal; don't leak that into other test files.
-    threads = torch.get_num_threads()
+def _restore(restore_torch_globals):
     yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
 
 
 def small_gpt(vocab=50, block=16, seed=0):

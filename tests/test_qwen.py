@@ -46,15 +46,9 @@ def _build_part_wheels(index, spec, parts):
 
 
 @pytest.fixture()
-def split_index(tmp_path, monkeypatch):
-    index = tmp_path / "index"
-    index.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLM_COURSE_NO_DOWNLOAD", raising=False)
-    return index
+def split_index(local_index):
+    """pip pointed at a local find-links folder (tests/conftest.py local_index): no network."""
+    return local_index
 
 
 def test_parts_are_joined_in_order_and_verified(split_index):
