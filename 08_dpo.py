@@ -191,17 +191,17 @@ def sft_objective(model, enc, idx):
     return F.cross_entropy(logits, targets), {}
 
 
-def train(model, enc, objective, a, label: str, lr: float, adapter_path: Path) -> dict:
+def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_path: Path) -> dict:
     """AdamW 训练 LoRA 参数固定步数；超过 --time-budget 就停（并大声说出来）；Ctrl-C 时保存适配器。"""
     from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed)              # 所有运行看到同样顺序的数据（公平比较）
-    order = torch.cat([torch.randperm(len(enc), generator=g) for _ in range(a.steps * a.batch_size // len(enc) + 1)])
+    order = torch.cat([torch.randperm(len(enc), generator=g) for _ in range(steps * a.batch_size // len(enc) + 1)])
     hist = {"loss": [], "acc": [], "margin": []}
     meta = {"rank": a.rank, "alpha": a.rank * ALPHA_OVER_RANK, "targets": TARGETS, "run": label}
     t0, cut = time.perf_counter(), False
-    bar = tqdm(range(a.steps), desc=label, ncols=90, file=sys.stdout)
+    bar = tqdm(range(steps), desc=label, ncols=90, file=sys.stdout)
     model.train()
     try:
         for step in bar:
@@ -219,7 +219,7 @@ def train(model, enc, objective, a, label: str, lr: float, adapter_path: Path) -
             bar.set_postfix(loss=f"{loss.item():.3f}", **({"acc": f"{stats['acc']:.2f}"} if "acc" in stats else {}))
             if (step + 1) % 10 == 0:
                 save_adapter(model, adapter_path, meta)        # 检查点：只有几 MB
-            if time.perf_counter() - t0 > a.time_budget * 60 and step + 1 < a.steps:
+            if time.perf_counter() - t0 > a.time_budget * 60 and step + 1 < steps:
                 cut = True
                 break
     except KeyboardInterrupt:
@@ -230,11 +230,11 @@ def train(model, enc, objective, a, label: str, lr: float, adapter_path: Path) -
         bar.close()
         model.eval()
     save_adapter(model, adapter_path, meta)
-    steps = len(hist["loss"])
+    done = len(hist["loss"])
     if cut:
-        print(f"  ！！！注意：到达时间预算 {a.time_budget:g} 分钟，{label} 只训练了 {steps}/{a.steps} 步就停了。"
+        print(f"  ！！！注意：到达时间预算 {a.time_budget:g} 分钟，{label} 只训练了 {done}/{steps} 步就停了。"
               f"下面的比较不再是\"等步数\"的比较；机器慢就加大 --time-budget。")
-    return {"history": hist, "steps": steps, "steps_planned": a.steps, "cut_by_time_budget": cut,
+    return {"history": hist, "steps": done, "steps_planned": steps, "cut_by_time_budget": cut,
             "seconds": time.perf_counter() - t0, "adapter": adapter_path}
 
 
@@ -317,23 +317,24 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=positive_float, default=0.1, help="DPO 的 β：越大，越不许模型离参考模型太远")
     p.add_argument("--beta-alt", type=positive_float, default=1.0, help="对比用的第二个 β（--quick 不跑）")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="LoRA 学习率（SFT 基线用同一个）")
-    p.add_argument("--fail-lr-mult", type=non_negative_float, default=30.0,
+    p.add_argument("--fail-lr-mult", type=non_negative_float, default=20.0,
                    help="失败模式：用 lr × 这个倍数再训练一次 DPO（0 = 不跑；--quick 不跑）")
-    p.add_argument("--steps", type=positive_int, default=None, help="每次训练的步数（默认 40；--quick 为 8）")
+    p.add_argument("--steps", type=positive_int, default=None, help="每次训练的步数（默认 30；--quick 为 6）")
+    p.add_argument("--fail-steps", type=positive_int, default=10, help="失败模式那次训练的步数（坏掉只需要几步）")
     p.add_argument("--time-budget", type=positive_float, default=None,
-                   help="每次训练的时间上限（分钟；默认 4，--quick 为 1）。只是安全上限：被它截断时会大声提示")
+                   help="每次训练的时间上限（分钟；默认 3，--quick 为 1）。只是安全上限：被它截断时会大声提示")
     p.add_argument("--batch-size", type=positive_int, default=4, help="每步几对偏好数据")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
-    p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认全部 112；--quick 为 16）")
+    p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 16）")
     p.add_argument("--eval-pairs", type=positive_int, default=None, help="算奖励准确率用几对留出数据（默认 32；--quick 为 12）")
     add_max_new_tokens(p, 48, "评估时每条回答最多生成多少个新 token（用完还没结束算\"太长\"）")
     p.add_argument("--data", type=existing_file, default=DATA_DIR / "train.json", help="训练偏好数据")
     p.add_argument("--heldout", type=existing_file, default=DATA_DIR / "heldout.json", help="留出偏好数据")
     a = p.parse_args(argv)
-    for k, full, quick in [("steps", 40, 8), ("time_budget", 4.0, 1.0), ("eval_n", 112, 16), ("eval_pairs", 32, 12)]:
+    for k, full, quick in [("steps", 30, 6), ("time_budget", 3.0, 1.0), ("eval_n", 64, 16), ("eval_pairs", 32, 12)]:
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
-    a.kl_n, a.gen_batch = min(16, a.eval_pairs), 32
+    a.kl_n, a.gen_batch = min(16, a.eval_pairs), 64
     return a
 
 
@@ -391,10 +392,14 @@ def main(argv=None):
     print(f"\n== 2. 序列对数概率 log p(回答 | 问题)：只对回答 token 求和 ==")
     with torch.no_grad():
         diff = padding_check(base, enc)
-        lp = sequence_logprobs(base, [enc[0][0]] * 2, [enc[0][1], enc[0][2]]).tolist()
-    print(f"第一对：log p(chosen) = {lp[0]:.2f}（{len(enc[0][1])} 个 token），log p(rejected) = {lp[1]:.2f}"
-          f"（{len(enc[0][2])} 个 token）。越长的回答，求和的项越多，log p 越小——所以 DPO 比较的是"
-          f"\"相对参考模型变了多少\"，而不是 log p 本身。")
+        k = next(i for i, r in enumerate(train_rows) if r.get("kind") == "ramble")
+        pc, pr = sequence_logprobs(base, [enc[k][0]] * 2, [enc[k][1], enc[k][2]]).tolist()
+    nc, nr = len(enc[k][1]), len(enc[k][2])
+    print(f"一对 ramble 数据：log p(chosen) = {pc:.2f}（{nc} 个 token，平均每个 {pc / nc:.2f}），"
+          f"log p(rejected) = {pr:.2f}（{nr} 个 token，平均每个 {pr / nr:.2f}）")
+    print(f"基座模型{'给 rejected 更高的平均每 token log p' if pr / nr > pc / nc else '给 chosen 更高的平均每 token log p'}；"
+          f"而总和{'更偏向 chosen' if pc > pr else '更偏向 rejected'}。总和受长度影响，所以 DPO 不直接比较 log p，"
+          f"而是比较\"相对参考模型各变了多少\"。")
     print(f"单独算 vs 放进带 padding 的 batch 算：最大差 {diff:.2e}（padding 被 attention_mask 遮住）")
     if diff > 1e-3:
         raise UserError(f"自检失败：padding 改变了序列 log p（差 {diff:.2e}）。")
@@ -406,20 +411,22 @@ def main(argv=None):
     print(f"\n== 3. 训练前：基座模型（= 参考模型）==")
     runs["base"] = evaluate(base, tok, held_enc, ref_held, gen_prompts, a, "基座", a.beta)
 
-    plan = [("sft", "SFT(只学 chosen)", None, a.lr), ("dpo", f"DPO β={a.beta:g}", a.beta, a.lr)]
+    plan = [("sft", "SFT(只学 chosen)", None, a.lr, a.steps), ("dpo", f"DPO β={a.beta:g}", a.beta, a.lr, a.steps)]
     if not a.quick:
-        plan.append(("dpo_beta_alt", f"DPO β={a.beta_alt:g}", a.beta_alt, a.lr))
+        plan.append(("dpo_beta_alt", f"DPO β={a.beta_alt:g}", a.beta_alt, a.lr, a.steps))
         if a.fail_lr_mult > 0:
-            plan.append(("dpo_high_lr", f"DPO β={a.beta:g} lr×{a.fail_lr_mult:g}", a.beta, a.lr * a.fail_lr_mult))
-    for n, (key, label, beta, lr) in enumerate(plan, 4):
+            plan.append(("dpo_high_lr", f"DPO β={a.beta:g} lr×{a.fail_lr_mult:g}", a.beta, a.lr * a.fail_lr_mult,
+                         a.fail_steps))
+    for n, (key, label, beta, lr, steps) in enumerate(plan, 4):
         what = "只在 chosen 上做 SFT（基线）" if beta is None else f"DPO，β={beta:g}"
-        print(f"\n== {n}. 训练 {label}：{what}，{a.steps} 步 × {a.batch_size} 对，lr {lr:g}，LoRA r={a.rank} ==")
+        print(f"\n== {n}. 训练 {label}：{what}，{steps} 步 × {a.batch_size} 对，lr {lr:g}，LoRA r={a.rank} ==")
         model = fresh_policy(base, a)
         objective = sft_objective if beta is None else dpo_objective(ref_train, beta)
-        tr = train(model, enc, objective, a, label, lr, out / f"adapter_{key}.safetensors")
+        tr = train(model, enc, objective, a, label, lr, steps, out / f"adapter_{key}.safetensors")
         runs[key] = {**evaluate(model, tok, held_enc, ref_held, gen_prompts, a, label, a.beta if beta is None else beta),
                      "train": tr, "beta": beta, "lr": lr, "label": label}
         del model
+        save_results(out, {"partial": True, "runs": runs})       # 中途的结果也留下（万一后面被中断）
     report(runs, gen_rows, a, out, time.perf_counter() - t_run)
 
 

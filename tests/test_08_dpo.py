@@ -152,8 +152,8 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     model = with_lora(base)
     ref_held = L8.ReferenceLogprobs(held).get(model, list(range(16)))
     before = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
-    a = argparse.Namespace(steps=30, batch_size=8, seed=0, rank=4, time_budget=10.0)
-    tr = L8.train(model, train_enc, L8.dpo_objective(L8.ReferenceLogprobs(train_enc), 0.5), a, "tiny", 1e-2,
+    a = argparse.Namespace(batch_size=8, seed=0, rank=4, time_budget=10.0)
+    tr = L8.train(model, train_enc, L8.dpo_objective(L8.ReferenceLogprobs(train_enc), 0.5), a, "tiny", 1e-2, 30,
                   tmp_path / "adapter.safetensors")
     after = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
     assert tr["steps"] == 30 and not tr["cut_by_time_budget"] and (tmp_path / "adapter.safetensors").is_file()

@@ -178,13 +178,6 @@ OPENERS_LONG = [
     "This is something that many people struggle with, so you are definitely not alone in asking.",
     "Great question! There are quite a few approaches, and some work better than others depending on the details.",
 ]
-FILLERS = [
-    "It is also worth remembering that small changes add up over time, so try to be patient with yourself.",
-    "Many people find that it takes a little trial and error before they find the method that suits them best.",
-    "Of course, what works well for one person may not work as well for another, so feel free to adjust.",
-    "In the end, the most important thing is to stay consistent and keep going even when progress feels slow.",
-    "You can also look for more ideas online, since there are lots of helpful guides and videos on this topic.",
-]
 
 
 def words(text: str) -> int:
@@ -203,7 +196,7 @@ def chosen_answer(tip: str, follow: str, rng: random.Random) -> str:
 def rejected_answer(kind: str, task: str, tip: str, follow: str, rng: random.Random) -> str:
     if kind == "no_question":
         return tip
-    body = f"{rng.choice(OPENERS_LONG)} When you want to {task}, one good approach is this: {lowerfirst(tip)} {rng.choice(FILLERS)}"
+    body = f"{rng.choice(OPENERS_LONG)} When you want to {task}, one good approach is this: {lowerfirst(tip)}"
     if kind == "long_question":
         return f"{body} {follow}"
     return body   # "ramble"
