@@ -33,6 +33,10 @@ BAD_FLAGS = [
     ("05_lora.py", ["--quick", "--seed", "x"]),
     ("05_lora.py", ["--steps", "-1"]),
     ("05_lora.py", ["--data", "/no/such/file.json"]),
+    ("08_dpo.py", ["--quick", "--seed", "x"]),
+    ("08_dpo.py", ["--beta", "0"]),
+    ("08_dpo.py", ["--steps", "-1"]),
+    ("08_dpo.py", ["--heldout", "/no/such/file.json"]),
 ]
 
 

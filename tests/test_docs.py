@@ -10,7 +10,7 @@ What is checked (README.md and every docs/*.md):
     with a line range (``common/llama.py#L43-L54``) point inside the file, and every identifier
     written in backticks in the link text occurs in those lines;
   * the README's test command is byte-for-byte the command that .ci/run executes;
-  * every lesson doc docs/0[1-5]_*.md has an exercises ("练习") and a self-check ("自测") section;
+  * every lesson doc (docs/0[1-5]_*.md, docs/08_*.md) has an exercises ("练习") and a self-check ("自测") section;
   * the model-config table in docs/00_llm_fundamentals.md matches the real model (config read from
     the GGUF file, parameter count and KV-cache bytes computed from the loaded model);
   * ``python -m common.check`` exits 0.
@@ -327,7 +327,7 @@ def section_items(text: str, word: str) -> tuple[bool, int]:
     return False, 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
 def test_lesson_doc_has_exercises_and_self_check(n):
     found = sorted(DOCS_DIR.glob(f"0{n}_*.md"))
     assert found, f"第 {n} 课的讲解 docs/0{n}_*.md 不存在"
