@@ -242,15 +242,22 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
 # 5. 评估：留出集上的隐式奖励、KL 漂移、中性文本困惑度、生成 + 检查器
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def preference_metrics(model, held, ref_held, beta: float, kl_n: int, bs: int = 8) -> dict:
-    """留出对上的奖励准确率（margin > 0 的比例）、平均 margin；
-    以及 KL(π || π_ref)：在前 kl_n 条 chosen 回答的每个位置上，比较两个模型对下一个 token 的完整分布。"""
+def heldout_logprobs(model, held, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """留出对的 (log π(y_w), log π(y_l))。参考模型和被训练的模型用完全相同的分批，
+    所以训练前（适配器的 B = 0）两者逐位相同，margin 恰好是 0。"""
     pc, pr = [], []
     for i in range(0, len(held), bs):
         chunk = held[i:i + bs]
         pc.append(sequence_logprobs(model, [h[0] for h in chunk], [h[1] for h in chunk]))
         pr.append(sequence_logprobs(model, [h[0] for h in chunk], [h[2] for h in chunk]))
-    pc, pr = torch.cat(pc), torch.cat(pr)
+    return torch.cat(pc), torch.cat(pr)
+
+
+@torch.no_grad()
+def preference_metrics(model, held, ref_held, beta: float, kl_n: int, bs: int = 8) -> dict:
+    """留出对上的奖励准确率（margin > 0 的比例）、平均 margin；
+    以及 KL(π || π_ref)：在前 kl_n 条 chosen 回答的每个位置上，比较两个模型对下一个 token 的完整分布。"""
+    pc, pr = heldout_logprobs(model, held, bs)
     _, margin = dpo_loss(pc, pr, ref_held[0], ref_held[1], beta)
     n_c = torch.tensor([len(h[1]) for h in held], device=pc.device)
     n_r = torch.tensor([len(h[2]) for h in held], device=pc.device)
@@ -406,7 +413,7 @@ def main(argv=None):
 
     runs = {}
     ref_train = ReferenceLogprobs(enc)
-    ref_held = ReferenceLogprobs(held_enc).get(base, list(range(len(held_enc))))
+    ref_held = heldout_logprobs(base, held_enc)          # base 没有适配器：它就是参考模型
 
     print(f"\n== 3. 训练前：基座模型（= 参考模型）==")
     runs["base"] = evaluate(base, tok, held_enc, ref_held, gen_prompts, a, "基座", a.beta)

@@ -131,10 +131,10 @@ def test_fresh_adapters_give_zero_margins():
     base = tiny_model()
     model = with_lora(base)
     g = torch.Generator().manual_seed(2)
-    held = [_pair(g) for _ in range(5)]
-    ref = L8.ReferenceLogprobs(held).get(base, list(range(5)))
+    held = [_pair(g, prompt_len=int(torch.randint(3, 9, (1,), generator=g))) for _ in range(11)]  # > one chunk of 8
+    ref = L8.heldout_logprobs(base, held)
     m = L8.preference_metrics(model, held, ref, 0.1, kl_n=3)
-    assert m["margins"] == [0.0] * 5 and m["reward_accuracy"] == 0.0 and m["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert m["margins"] == [0.0] * 11 and m["reward_accuracy"] == 0.0 and m["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------ training end to end on the tiny model
@@ -150,7 +150,7 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     train_enc, held = [pair() for _ in range(32)], [pair() for _ in range(16)]
     base = tiny_model()
     model = with_lora(base)
-    ref_held = L8.ReferenceLogprobs(held).get(model, list(range(16)))
+    ref_held = L8.heldout_logprobs(base, held)
     before = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
     a = argparse.Namespace(batch_size=8, seed=0, rank=4, time_budget=10.0)
     tr = L8.train(model, train_enc, L8.dpo_objective(L8.ReferenceLogprobs(train_enc), 0.5), a, "tiny", 1e-2, 30,
