@@ -363,11 +363,32 @@ def fresh_policy(base, a):
     return model
 
 
-def padding_check(model, enc) -> float:
-    """同一对数据：单独算 vs 放在带 padding 的 batch 里算，log p 的最大差。"""
-    alone = torch.cat([sequence_logprobs(model, [e[0]], [e[2]]) for e in enc[:3]])
-    batched = sequence_logprobs(model, [e[0] for e in enc[:3]], [e[2] for e in enc[:3]])
-    return (alone - batched).abs().max().item()
+def show_data(train_rows, held_rows, enc) -> None:
+    ex = train_rows[0]
+    print(f"训练 {len(train_rows)} 对，留出 {len(held_rows)} 对（问题的主题与训练不重叠）。一对例子：\n"
+          f"  问题：{ex['prompt']}\n  chosen  ：{ex['chosen']}\n  rejected：{ex['rejected']}")
+    print(f"检查器（只用于评估）：≤ {MAX_WORDS} 个词，并以一个 ≤ {MAX_QUESTION_WORDS} 词的追问结尾。"
+          f"自检：全部 chosen 通过、全部 rejected 不通过。")
+    lc, lr = [len(e[1]) for e in enc], [len(e[2]) for e in enc]
+    print(f"回答长度（token，含 <|im_end|>）：chosen 平均 {sum(lc) / len(lc):.1f}，rejected 平均 {sum(lr) / len(lr):.1f}")
+
+
+@torch.no_grad()
+def show_logprobs(base, train_rows, enc) -> None:
+    k = next(i for i, r in enumerate(train_rows) if r.get("kind") == "ramble")
+    pc, pr = sequence_logprobs(base, [enc[k][0]] * 2, [enc[k][1], enc[k][2]]).tolist()
+    nc, nr = len(enc[k][1]), len(enc[k][2])
+    print(f"一对 ramble 数据：log p(chosen) = {pc:.2f}（{nc} 个 token，平均每个 {pc / nc:.2f}），"
+          f"log p(rejected) = {pr:.2f}（{nr} 个 token，平均每个 {pr / nr:.2f}）")
+    print(f"基座模型{'给 rejected 更高的平均每 token log p' if pr / nr > pc / nc else '给 chosen 更高的平均每 token log p'}；"
+          f"而总和{'更偏向 chosen' if pc > pr else '更偏向 rejected'}。总和受长度影响，所以 DPO 不直接比较 log p，"
+          f"而是比较\"相对参考模型各变了多少\"。")
+    # 自检：同样几条数据，单独算 vs 放在带 padding 的 batch 里算
+    alone = torch.cat([sequence_logprobs(base, [e[0]], [e[2]]) for e in enc[:3]])
+    diff = (alone - sequence_logprobs(base, [e[0] for e in enc[:3]], [e[2] for e in enc[:3]])).abs().max().item()
+    print(f"单独算 vs 放进带 padding 的 batch 算：最大差 {diff:.2e}（padding 被 attention_mask 遮住）")
+    if diff > 1e-3:
+        raise UserError(f"自检失败：padding 改变了序列 log p（差 {diff:.2e}）。")
 
 
 def main(argv=None):
@@ -383,39 +404,21 @@ def main(argv=None):
     base, tok = lm.model, lm.tokenizer
     print(f"模型：{lm.name}，设备 {device}，{torch.get_num_threads()} 个 CPU 线程。本地模型只懂英文，所以数据是英文的。")
 
-    print(f"\n== 1. 偏好数据和检查器 ==")
+    print("\n== 1. 偏好数据和检查器 ==")
     enc = [encode_pair(tok, r) for r in train_rows]
     held_enc = [encode_pair(tok, r) for r in held_rows[:a.eval_pairs]]
     gen_rows = held_rows[:a.eval_n]
     gen_prompts = [encode_pair(tok, r)[0] for r in gen_rows]
-    ex = train_rows[0]
-    print(f"训练 {len(train_rows)} 对，留出 {len(held_rows)} 对（问题的主题与训练不重叠）。一对例子：\n"
-          f"  问题：{ex['prompt']}\n  chosen  ：{ex['chosen']}\n  rejected：{ex['rejected']}")
-    print(f"检查器（只用于评估）：≤ {MAX_WORDS} 个词，并以一个 ≤ {MAX_QUESTION_WORDS} 词的追问结尾。"
-          f"自检：全部 chosen 通过、全部 rejected 不通过。")
-    lc, lr_ = [len(e[1]) for e in enc], [len(e[2]) for e in enc]
-    print(f"回答长度（token，含 <|im_end|>）：chosen 平均 {sum(lc) / len(lc):.1f}，rejected 平均 {sum(lr_) / len(lr_):.1f}")
+    show_data(train_rows, held_rows, enc)
 
-    print(f"\n== 2. 序列对数概率 log p(回答 | 问题)：只对回答 token 求和 ==")
-    with torch.no_grad():
-        diff = padding_check(base, enc)
-        k = next(i for i, r in enumerate(train_rows) if r.get("kind") == "ramble")
-        pc, pr = sequence_logprobs(base, [enc[k][0]] * 2, [enc[k][1], enc[k][2]]).tolist()
-    nc, nr = len(enc[k][1]), len(enc[k][2])
-    print(f"一对 ramble 数据：log p(chosen) = {pc:.2f}（{nc} 个 token，平均每个 {pc / nc:.2f}），"
-          f"log p(rejected) = {pr:.2f}（{nr} 个 token，平均每个 {pr / nr:.2f}）")
-    print(f"基座模型{'给 rejected 更高的平均每 token log p' if pr / nr > pc / nc else '给 chosen 更高的平均每 token log p'}；"
-          f"而总和{'更偏向 chosen' if pc > pr else '更偏向 rejected'}。总和受长度影响，所以 DPO 不直接比较 log p，"
-          f"而是比较\"相对参考模型各变了多少\"。")
-    print(f"单独算 vs 放进带 padding 的 batch 算：最大差 {diff:.2e}（padding 被 attention_mask 遮住）")
-    if diff > 1e-3:
-        raise UserError(f"自检失败：padding 改变了序列 log p（差 {diff:.2e}）。")
+    print("\n== 2. 序列对数概率 log p(回答 | 问题)：只对回答 token 求和 ==")
+    show_logprobs(base, train_rows, enc)
 
     runs = {}
     ref_train = ReferenceLogprobs(enc)
     ref_held = heldout_logprobs(base, held_enc)          # base 没有适配器：它就是参考模型
 
-    print(f"\n== 3. 训练前：基座模型（= 参考模型）==")
+    print("\n== 3. 训练前：基座模型（= 参考模型）==")
     runs["base"] = evaluate(base, tok, held_enc, ref_held, gen_prompts, a, "基座", a.beta)
 
     plan = [("sft", "SFT(只学 chosen)", None, a.lr, a.steps), ("dpo", f"DPO β={a.beta:g}", a.beta, a.lr, a.steps)]
