@@ -323,8 +323,9 @@ def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("device",))
     p.add_argument("--beta", type=positive_float, default=0.1, help="DPO 的 β：越大，越不许模型离参考模型太远")
     p.add_argument("--beta-alt", type=positive_float, default=1.0, help="对比用的第二个 β（--quick 不跑）")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="LoRA 学习率（SFT 基线用同一个）")
-    p.add_argument("--fail-lr-mult", type=non_negative_float, default=20.0,
+    p.add_argument("--lr", type=positive_float, default=1e-4,
+                   help="LoRA 学习率（SFT 基线用同一个）。DPO 的 loss 很快就接近 0，AdamW 仍按 lr 大小的步子推，lr 太大会训坏")
+    p.add_argument("--fail-lr-mult", type=non_negative_float, default=30.0,
                    help="失败模式：用 lr × 这个倍数再训练一次 DPO（0 = 不跑；--quick 不跑）")
     p.add_argument("--steps", type=positive_int, default=None, help="每次训练的步数（默认 30；--quick 为 6）")
     p.add_argument("--fail-steps", type=positive_int, default=10, help="失败模式那次训练的步数（坏掉只需要几步）")
