@@ -45,6 +45,10 @@ BAD_FLAGS = [
     ("07_structured_output.py", ["--schema", "/no/such/schema.json", "--prompt", "hi"]),
     ("07_structured_output.py", ["--schema", "data/structured/support.schema.json"]),
     ("07_structured_output.py", ["--top-p", "1.5"]),
+    ("08_dpo.py", ["--quick", "--seed", "x"]),
+    ("08_dpo.py", ["--beta", "0"]),
+    ("08_dpo.py", ["--steps", "-1"]),
+    ("08_dpo.py", ["--heldout", "/no/such/file.json"]),
 ]
 
 
