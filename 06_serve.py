@@ -770,10 +770,41 @@ def http_get(url: str, key: str | None = None) -> str:
         return r.read().decode("utf-8")
 
 
+def tour_auth(run: Running, client, user: tuple[str, str]) -> dict:
+    """OAuth2 换 JWT、错误的 key（401）、限流（429）。"""
+    import json
+    import urllib.request
+
+    import openai
+
+    form = f"grant_type=password&username={user[0]}&password={user[1]}".encode()
+    with urllib.request.urlopen(urllib.request.Request(run.base_url.removesuffix("/v1") + "/oauth/token", form)) as r:
+        token = json.loads(r.read())
+    jwt_models = openai.OpenAI(base_url=run.base_url, api_key=token["access_token"], max_retries=0).models.list()
+    print(f"\nOAuth2 密码模式：用户 {user[0]} 换到一个 JWT（{token['expires_in']} 秒后过期），用它列出模型："
+          f"{[m.id for m in jwt_models]}（token 本身不打印）")
+
+    status = {}
+    try:
+        openai.OpenAI(base_url=run.base_url, api_key="wrong-key", max_retries=0).models.list()
+    except openai.AuthenticationError as e:
+        status["401"] = e.status_code
+        print(f"错误的 key → {e.status_code}：{e.body['message'] if isinstance(e.body, dict) else e}")
+    run.srv.limiter.rpm = 3                         # 演示：临时把限流设成每分钟 3 次
+    try:
+        for i in range(4):
+            client.models.list()
+    except openai.RateLimitError as e:
+        status["429"] = e.status_code
+        print(f"每分钟限 3 次，第 {i + 1} 次 → {e.status_code}，Retry-After: {e.response.headers.get('retry-after')} 秒")
+    run.srv.limiter.rpm, run.srv.limiter.hits = 0, collections.defaultdict(collections.deque)
+    check(status == {"401": 401, "429": 429}, f"认证/限流没有按预期返回 401/429：{status}")
+    return status
+
+
 def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
     """openai SDK 当客户端：流式、会话、JWT、401、429、/metrics。"""
     import json
-    import urllib.request
 
     import openai
     from prometheus_client.parser import text_string_to_metric_families
@@ -801,28 +832,7 @@ def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
           f"——服务器把历史拼了进去。\n  第二问的回答：{r2.choices[0].message.content!r}；数据库里现在有 {len(history)} 条消息。")
     check(len(history) == 4 and r2.usage.prompt_tokens > r1.usage.prompt_tokens, "会话历史没有保存或没有用上")
 
-    form = f"grant_type=password&username={user[0]}&password={user[1]}".encode()
-    with urllib.request.urlopen(urllib.request.Request(run.base_url.removesuffix("/v1") + "/oauth/token", form)) as r:
-        token = json.loads(r.read())
-    jwt_models = openai.OpenAI(base_url=run.base_url, api_key=token["access_token"], max_retries=0).models.list()
-    print(f"\nOAuth2 密码模式：用户 {user[0]} 换到一个 JWT（{token['expires_in']} 秒后过期），用它列出模型："
-          f"{[m.id for m in jwt_models]}（token 本身不打印）")
-
-    status = {}
-    try:
-        openai.OpenAI(base_url=run.base_url, api_key="wrong-key", max_retries=0).models.list()
-    except openai.AuthenticationError as e:
-        status["401"] = e.status_code
-        print(f"错误的 key → {e.status_code}：{e.body['message'] if isinstance(e.body, dict) else e}")
-    run.srv.limiter.rpm = 3                         # 演示：临时把限流设成每分钟 3 次
-    try:
-        for i in range(4):
-            client.models.list()
-    except openai.RateLimitError as e:
-        status["429"] = e.status_code
-        print(f"每分钟限 3 次，第 {i + 1} 次 → {e.status_code}，Retry-After: {e.response.headers.get('retry-after')} 秒")
-    run.srv.limiter.rpm, run.srv.limiter.hits = 0, collections.defaultdict(collections.deque)
-    check(status == {"401": 401, "429": 429}, f"认证/限流没有按预期返回 401/429：{status}")
+    status = tour_auth(run, client, user)
 
     families = {f.name: f for f in text_string_to_metric_families(http_get(run.base_url.removesuffix("/v1") + "/metrics"))}
     value = {s.name: s.value for f in families.values() for s in f.samples}
