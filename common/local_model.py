@@ -319,9 +319,3 @@ def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = 
     _LOADED[cache_key] = lm
     return lm
 
-
-def load_from_args(args, verbose: bool = True) -> LocalModel:
-    """The local model a lesson's flags ask for (--local-model, --model-file, --dtype, --device)."""
-    return load_local_model(getattr(args, "model_file", None), getattr(args, "dtype", None),
-                            get_device(getattr(args, "device", None) or "auto"), verbose,
-                            getattr(args, "local_model", None))

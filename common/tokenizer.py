@@ -37,7 +37,6 @@ DEFAULT_SYSTEMS = {
     "smollm": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
     "qwen2": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
 }
-DEFAULT_SYSTEM = DEFAULT_SYSTEMS["smollm"]
 
 
 def bytes_to_unicode() -> dict[int, str]:
