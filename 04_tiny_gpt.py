@@ -37,7 +37,7 @@ from common.errors import run_cli  # noqa: E402
 from common.sampling import sample_next_token  # noqa: E402
 from common.training import (Distributed, Optimizers, StopSignal, TrainState, apply_presets,  # noqa: E402
                              check_resume_is_exact, count_params, open_run, plot_losses, prepare_data,
-                             print_param_table, print_summary, restore, run_checkpoint, sample_only,
+                             export_beside, print_param_table, print_summary, restore, run_checkpoint, sample_only,
                              save_checkpoint, save_if_best, tiny_gpt_parser, write_results)
 
 NAME = "04_tiny_gpt"
@@ -476,6 +476,7 @@ def final_eval_and_save(run, data, a) -> dict:
         evaluate(run, data, a, st.it)
     save_if_best(run, data, a)
     save_checkpoint(run.dir / "ckpt_last.pt", run_checkpoint(run, data, a))
+    export_beside(run.raw, run.dir / "ckpt_last.pt")           # model.pt2：第 06 课 --checkpoint 用它服务这个模型
     full = {}
     if a.final_eval == "full":  # 整个验证集切成不重叠的窗口，一个不漏
         offs = torch.arange((len(data["val"]) - 1) // a.block_size) * a.block_size

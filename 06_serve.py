@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from common.errors import UserError, run_cli
 from common.sampling import sample_next_token
 
 NAME = "06_serve"
-MODEL_ID = "smollm2-135m-instruct"
+MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
 SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -194,21 +193,11 @@ class Engine:
             self.metrics.queue.set(waiting)
             self.metrics.batch.set(running)
 
-    def _rows_view(self, n: int):
-        """只看缓存的前 n 行（切片是视图，不复制）：空闲的尾部行不参与计算。"""
-        if n == self.cache.batch:
-            return self.cache
-        view = copy.copy(self.cache)
-        view.k, view.v = [t[:n] for t in self.cache.k], [t[:n] for t in self.cache.v]
-        view.batch = n
-        view.lengths, view.valid, view.pos = self.cache.lengths[:n], self.cache.valid[:n], self.cache.pos[:n]
-        return view
-
     @torch.inference_mode()
     def step(self) -> None:
         """一步 = 一次批量前向：新来者喂提示词（最多 chunk 个 token），其他行各喂上一步生成的 token。"""
         t0 = time.perf_counter()
-        n = 1 + max(i for i, j in enumerate(self.slots) if j is not None)
+        n = 1 + max(i for i, j in enumerate(self.slots) if j is not None)   # 只算前 n 行，空闲的尾部行不参与
         feeds = []
         for job in self.slots[:n]:
             if job is None:
@@ -224,7 +213,7 @@ class Engine:
             ids[r, :len(f)] = torch.tensor(f, dtype=torch.long)
             mask[r, :len(f)] = 1
         dev = self.model.device
-        logits = self.model(ids.to(dev), cache=self._rows_view(n), attention_mask=mask.to(dev), last_only=True)
+        logits = self.model(ids.to(dev), cache=self.cache.first_rows(n), attention_mask=mask.to(dev), last_only=True)
         greedy = logits.argmax(-1).tolist()                                # [n]：每行下一个 token 的 logits
         for r, job in enumerate(self.slots[:n]):
             if job is None:
@@ -383,6 +372,7 @@ class Server:
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
         self.load_model, self.lm, self.engine, self.prefix_cache = load_model, None, None, prefix_cache
         self.stop_note: str | None = None          # 停止后打印的一句话（前台运行时）
+        self.model_id = "loading"                  # 模型加载后才知道：smollm2-135m-instruct / tiny-gpt-<预设名> ……
 
     def start(self) -> None:
         """打开会话库；在后台线程加载模型（加载完之前 /readyz 回 503）。"""
@@ -392,9 +382,11 @@ class Server:
     def _load(self) -> None:
         lm = self.load_model()
         engine = Engine(lm.model, metrics=self.metrics, **self.engine_args)
-        if self.prefix_cache:                         # 默认系统提示词：每个没自带系统消息的请求都以它开头
-            engine.set_prefix(lm.tokenizer.apply_chat_template([], add_generation_prompt=False))
+        prefix = lm.tokenizer.apply_chat_template([], add_generation_prompt=False)
+        if self.prefix_cache and prefix:              # 默认系统提示词：每个没自带系统消息的请求都以它开头
+            engine.set_prefix(prefix)
         self.engine = engine.start()
+        self.model_id = getattr(lm, "model_id", None) or MODEL_IDS[lm.key]
         self.lm = lm
 
     def stop(self) -> None:
@@ -428,7 +420,10 @@ class Server:
     def submit(self, messages: list[dict], max_new: int | None, temperature: float, top_p: float,
                seed: int | None, stops: list[str], ignore_eos: bool = False) -> Reply:
         tok = self.lm.tokenizer
-        prompt = tok.apply_chat_template(messages)
+        try:
+            prompt = tok.apply_chat_template(messages)
+        except UserError as e:                     # 小 GPT 的字符表里没有的字符
+            raise ApiError(400, str(e), code="invalid_prompt") from None
         room = self.max_context - len(prompt)
         if room < 1:
             raise ApiError(400, f"提示词有 {len(prompt)} 个 token，超过了上下文上限 {self.max_context}",
@@ -512,7 +507,7 @@ async def healthz():
 async def readyz(request: Request):
     if not srv_of(request).ready():
         return _error(503, "模型还在加载", "server_error", "not_ready")
-    return {"status": "ready", "model": MODEL_ID}
+    return {"status": "ready", "model": srv_of(request).model_id}
 
 
 async def metrics(request: Request):
@@ -533,8 +528,9 @@ async def oauth_token(request: Request):
     return {"access_token": token, "token_type": "bearer", "expires_in": int(auth.expire_minutes * 60)}
 
 
-async def list_models(who: str = Depends(caller)):
-    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "llm-course"}]}
+async def list_models(request: Request, who: str = Depends(caller)):
+    return {"object": "list", "data": [{"id": srv_of(request).model_id, "object": "model", "created": 0,
+                                        "owned_by": "llm-course"}]}
 
 
 async def chat_completions(body: ChatRequest, request: Request, who: str = Depends(caller)):
@@ -542,14 +538,14 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
     from fastapi.responses import StreamingResponse
 
     srv = srv_of(request)
-    if body.model != MODEL_ID:
-        raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {MODEL_ID}", code="model_not_found")
+    if body.model != srv.model_id:
+        raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {srv.model_id}", code="model_not_found")
     new = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     reply = srv.submit(srv.history(body.session_id, who) + new, body.max_completion_tokens or body.max_tokens,
                        1.0 if body.temperature is None else body.temperature,
                        1.0 if body.top_p is None else body.top_p, body.seed, stops, body.ignore_eos)
-    head = {"id": f"chatcmpl-{reply.job.id}", "created": int(time.time()), "model": MODEL_ID}
+    head = {"id": f"chatcmpl-{reply.job.id}", "created": int(time.time()), "model": srv.model_id}
 
     def remember():                    # 只有完整结束的回答才写进会话
         if body.session_id and reply.finish in ("stop", "length"):
@@ -710,15 +706,24 @@ def settings_from_env(args) -> dict:
                 session_db=args.session_db or os.environ.get("LLM_SESSION_DB") or args.out_dir / "sessions.sqlite3")
 
 
-def make_server(args, lm=None, **overrides) -> Server:
+def load_model_of(args):
+    """--checkpoint：第 04 课训练的小 GPT（它导出的 model.pt2 + 检查点里的权重）；否则本地 SmolLM2 / Qwen。"""
+    if args.checkpoint:
+        from common.exported import load_tiny_gpt
+        return load_tiny_gpt(args.checkpoint)
     from common.local_model import load_local_model
+    return load_local_model(dtype=args.dtype, device=args.torch_device)
 
+
+def make_server(args, lm=None, **overrides) -> Server:
     settings = {**settings_from_env(args), **overrides}
+    if args.checkpoint and lm is None:           # 小模型加载只要一秒：当场加载，文件有问题立刻报错退出
+        lm = load_model_of(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     return Server(**settings, max_batch=args.max_batch, max_context=args.max_context,
                   prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                   default_max_tokens=args.max_new_tokens, prefix_cache=not args.no_prefix_cache,
-                  load_model=lambda: lm or load_local_model(dtype=args.dtype, device=args.torch_device))
+                  load_model=lambda: lm or load_model_of(args))
 
 
 def serve_forever(args) -> None:
@@ -733,7 +738,7 @@ def serve_forever(args) -> None:
         print(f"[认证] 关闭（没有配置 LLM_API_KEYS / --api-keys / LLM_USERS）。{where}")
     else:
         print(f"[认证] 开启：{len(auth.keys)} 个 API key，{len(auth.users)} 个用户（key 本身不会打印）。")
-    print(f"[服务] 正在启动 http://{args.host}:{args.port}/v1 （模型 {MODEL_ID}；最多 {args.max_batch} 个序列同时生成）")
+    print(f"[服务] 正在启动 http://{args.host}:{args.port}/v1 （模型 {args.checkpoint or MODEL_IDS[args.local_model]}；最多 {args.max_batch} 个序列同时生成）")
     print(f"       试试：python 01_hello_llm.py --base-url http://{args.host}:{args.port}/v1    按 Ctrl-C 停止。")
     sock = bind(args.host, args.port)
     srv.stop_note = "[服务] 已停止：进行中的请求已结束，引擎已停，会话数据库已关闭。"
@@ -814,7 +819,7 @@ def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
     print(f"地址 {run.base_url}，模型列表：{[m.id for m in client.models.list()]}")
     print("流式回答：", end="", flush=True)
     t0, first, pieces = time.perf_counter(), None, 0
-    for ch in client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[3]}],
+    for ch in client.chat.completions.create(model=run.srv.model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
                                              max_tokens=n_tokens, temperature=0, stream=True):
         if ch.choices and ch.choices[0].delta.content:
             first = first or time.perf_counter() - t0
@@ -822,7 +827,7 @@ def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
             print(ch.choices[0].delta.content, end="", flush=True)
     print(f"\n  → {pieces} 个 SSE 片段，首 token 延迟 {first * 1000:.0f} ms")
 
-    sid, ask = f"demo-{uuid.uuid4().hex[:8]}", dict(model=MODEL_ID, max_tokens=n_tokens, temperature=0)
+    sid, ask = f"demo-{uuid.uuid4().hex[:8]}", dict(model=run.srv.model_id, max_tokens=n_tokens, temperature=0)
     r1 = client.chat.completions.create(messages=[{"role": "user", "content": "My name is Lin. Say hello to me."}],
                                         extra_body={"session_id": sid}, **ask)
     r2 = client.chat.completions.create(messages=[{"role": "user", "content": "What is my name?"}],
@@ -845,7 +850,7 @@ def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
             "generated_tokens": value["llm_generated_tokens_total"]}
 
 
-def one_client(base_url: str, key: str, plan: list[tuple[str, int]]) -> list[dict]:
+def one_client(base_url: str, key: str, model: str, plan: list[tuple[str, int]]) -> list[dict]:
     """一个压测客户端：依次发 plan 里的流式请求，记录每个内容片段到达的时刻。"""
     import openai
 
@@ -854,7 +859,7 @@ def one_client(base_url: str, key: str, plan: list[tuple[str, int]]) -> list[dic
     for prompt, n in plan:
         t0, times, text, usage = time.perf_counter(), [], "", None
         for ch in client.chat.completions.create(
-                model=MODEL_ID, messages=[{"role": "user", "content": prompt}], max_tokens=n, temperature=0,
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=n, temperature=0,
                 stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
             if ch.choices and ch.choices[0].delta.content:
                 times.append(time.perf_counter())
@@ -880,7 +885,7 @@ def load_round(run: Running, key: str, n_clients: int, per_client: int, max_toke
              for _ in range(n_clients)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
-        records = [r for rs in pool.map(lambda p: one_client(run.base_url, key, p), plans) for r in rs]
+        records = [r for rs in pool.map(lambda p: one_client(run.base_url, key, run.srv.model_id, p), plans) for r in rs]
     seconds = time.perf_counter() - t0
     check(all(r["tokens"] == r["want"] for r in records), "有请求生成的 token 数不等于 max_tokens（ignore_eos）")
     gaps = [g for r in records for g in r["gaps"]]
@@ -1037,12 +1042,14 @@ def port_type(text: str) -> int:
 
 
 def build_parser():
-    from common.cli import add_max_new_tokens, course_parser, int_list, non_negative_int, positive_int
+    from common.cli import add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int, positive_int
 
     p = course_parser(NAME, __doc__, groups=("local",))
     s = p.add_argument_group("服务器")
     s.add_argument("--host", default="127.0.0.1", help="监听地址（0.0.0.0 = 对外开放，务必配置认证）")
     s.add_argument("--port", type=port_type, default=8000, help="监听端口")
+    s.add_argument("--checkpoint", type=existing_file, default=None,
+                   help="改为服务第 04 课训练的小 GPT，例如 outputs/04_tiny_gpt/small/ckpt_best.pt（它只会续写英文莎士比亚）")
     s.add_argument("--api-keys", default=None, help="逗号分隔的 API key（默认读 LLM_API_KEYS；更推荐用环境变量，命令行会被 ps 看到）")
     s.add_argument("--rate-limit-rpm", type=non_negative_int, default=None,
                    help="每个 key/用户每分钟最多几个请求，0 = 不限（默认读 LLM_RATE_LIMIT_RPM，否则 0）")
@@ -1070,6 +1077,8 @@ def main() -> int | None:
     if not args.demo:
         serve_forever(args)
         return None
+    if args.checkpoint:
+        raise UserError("--demo 的演示和压测用本地 SmolLM2；--checkpoint 只用于启动服务器（去掉 --demo 再运行）。")
     return demo(args)
 
 

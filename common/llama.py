@@ -19,6 +19,8 @@ head as in the Hugging Face layout. tests/test_llama_reference.py compares again
 """
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass
 
@@ -127,6 +129,18 @@ class KVCache:
         self.pos[rows] = 0
         self.valid[rows] = False
         self.length = int(self.lengths.max()) if self.batch else 0
+
+    def first_rows(self, n: int) -> "KVCache":
+        """A view of rows 0..n-1 (slices share storage, nothing is copied): a serving engine runs only the rows
+        in use. Needs a ragged cache (reset_rows first)."""
+        if n == self.batch:
+            return self
+        self.make_ragged()
+        view = copy.copy(self)
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        view.batch = n
+        view.lengths, view.valid, view.pos = self.lengths[:n], self.valid[:n], self.pos[:n]
+        return view
 
     def nbytes_used(self) -> int:
         """Bytes actually holding keys/values for the filled positions."""

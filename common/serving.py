@@ -2,8 +2,8 @@
 OAuth2 + JWT authentication, a per-caller rate limit and SQLite conversation sessions.
 
 Lesson 06 teaches the engine (continuous batching) and the OpenAI-compatible routes; these pieces are
-the standard parts every serving system has around them (comments are in Chinese: the lesson's
-reader reads them alongside docs/06_serve.md).
+the standard parts every serving system has around them. Messages a user sees (errors, metric help)
+are in Chinese, like the lesson.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import time
 
 
 class Metrics:
-    """Prometheus 指标，放在自己的 CollectorRegistry 里（同一进程可以有多个服务器，互不干扰）。"""
+    """Prometheus metrics in their own CollectorRegistry (several servers in one process do not collide)."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-        disable_created_metrics()          # 不输出 *_created 时间戳序列，/metrics 更好读
+        disable_created_metrics()          # no *_created timestamp series: /metrics is easier to read
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llm_requests", "HTTP 请求数（按路径和状态码）", ["path", "status"], registry=r)
         self.tokens = Counter("llm_generated_tokens", "生成的 token 总数", registry=r)
@@ -34,7 +34,7 @@ class Metrics:
 
 
 class ApiError(Exception):
-    """任何错误都用 OpenAI 的错误格式返回：{"error": {"message", "type", "param", "code"}}。"""
+    """Every error goes back in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                  headers: dict | None = None):
@@ -48,10 +48,10 @@ def _digest(text: str) -> bytes:
 
 
 class Auth:
-    """API key（Bearer 或 X-API-Key）与 OAuth2 密码模式签发的 JWT。什么都没配置时认证关闭。"""
+    """API keys (Bearer or X-API-Key) and JWTs issued by the OAuth2 password flow. Off when nothing is configured."""
 
     def __init__(self, keys: list[str], users: dict[str, str], secret: str, expire_minutes: float):
-        self.keys = [_digest(k) for k in keys]                  # 只留哈希：内存里也不放明文
+        self.keys = [_digest(k) for k in keys]                  # only hashes: no plain key kept even in memory
         self.users = {u: _digest(p) for u, p in users.items()}
         self.secret, self.expire_minutes = secret, expire_minutes
 
@@ -60,7 +60,7 @@ class Auth:
         return bool(self.keys or self.users)
 
     def identify(self, headers, client: str) -> str:
-        """返回调用者身份（用于限流和会话归属）；认证失败抛 401。"""
+        """The caller's identity (for rate limits and session ownership); 401 when authentication fails."""
         import hmac
 
         import jwt
@@ -70,7 +70,7 @@ class Auth:
         auth = headers.get("authorization", "")
         cred = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
         if cred:
-            d = _digest(cred)   # 常数时间比较：所有 key 都比一遍，不提前退出
+            d = _digest(cred)   # constant time: compare with every key, never stop early
             hits = [hmac.compare_digest(d, k) for k in self.keys]
             if any(hits):
                 return f"key:{hits.index(True)}"
@@ -96,7 +96,7 @@ class Auth:
 
 
 class RateLimiter:
-    """每个身份每分钟最多 rpm 个请求（滑动窗口）；超了回 429 + Retry-After。rpm=0 关闭。"""
+    """At most rpm requests per identity per minute (sliding window); past it 429 + Retry-After. rpm=0: off."""
 
     def __init__(self, rpm: int):
         self.rpm = rpm
@@ -116,7 +116,7 @@ class RateLimiter:
 
 
 class Sessions:
-    """对话历史存在 SQLite 里：服务器重启后会话还在。每个会话属于创建它的身份。"""
+    """Conversation history in SQLite: sessions survive a server restart. A session belongs to the identity that made it."""
 
     def __init__(self, path):
         import sqlite3
@@ -132,7 +132,7 @@ class Sessions:
             rows = self.db.execute("SELECT owner, role, content FROM messages WHERE session=? ORDER BY idx",
                                    (session,)).fetchall()
         if rows and rows[0][0] != owner:
-            return None                       # 别人的会话：当作不存在
+            return None                       # someone else's session: as if it did not exist
         return [{"role": r, "content": c} for _, r, c in rows]
 
     def append(self, session: str, owner: str, messages: list[dict]) -> None:

@@ -157,6 +157,33 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
+def export_model(model, path: Path) -> Path:
+    """torch.export: the model's forward pass as a graph (plus its weights) in one file, loadable without this
+    code (lesson 06 serves it: common/exported.py). Batch and length are dynamic; length up to block_size."""
+    from torch.export import Dim, export, save
+
+    model = copy.deepcopy(model).cpu().eval()            # a server loads it on CPU; the training model is untouched
+    example = torch.zeros(2, model.block_size, dtype=torch.long)
+    shapes = ({0: Dim("batch", min=2, max=4096), 1: Dim("length", min=2, max=model.block_size)},)
+    with torch.no_grad():
+        program = export(model, (example,), dynamic_shapes=shapes)
+    tmp = path.with_name(path.name + ".tmp")
+    save(program, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def export_beside(model, ckpt_path: Path) -> None:
+    """model.pt2 next to a checkpoint, for `python 06_serve.py --checkpoint` (only if missing: one per run folder)."""
+    target = ckpt_path.parent / "model.pt2"
+    if not target.exists():
+        try:
+            export_model(model, target)
+            print(f"已导出计算图：{target}（第 06 课可以直接服务它：python 06_serve.py --checkpoint {ckpt_path}）")
+        except (OSError, RuntimeError) as e:  # serving is optional: training results stay valid
+            print(f"[提示] 导出 {target} 失败（{type(e).__name__}）：不影响训练结果，只是第 06 课无法服务这个模型。")
+
+
 def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, resume_hint: str) -> None:
     """A fresh run must not silently replace a previous run's checkpoints (issue: a finished model's
     ckpt_best.pt was replaced by an interrupted run's). Refuse unless the user said --resume or --overwrite."""
@@ -549,6 +576,7 @@ def sample_only(a, device, model_class, generate) -> None:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
+    export_beside(model, Path(path))
     ids = tok.encode(a.prompt)
     if not ids:
         raise UserError("提示词不能为空")
@@ -577,7 +605,7 @@ def print_param_table(model) -> int:
             (f"每块：2 个 {norm}", count_params(blk.ln1) + count_params(blk.ln2)),
             (f"{len(model.blocks)} 个块合计", count_params(model.blocks)),
             (f"最后的 {norm}", count_params(model.ln_f))] + ([] if tied else [("输出层 lm_head", count_params(model.lm_head))])
-    total = count_params(model)  # parameters() 会去重，共享的权重只算一次
+    total = count_params(model)  # parameters() skips repeats: a shared (tied) weight counts once
     print("参数量：")
     for name, n in rows:
         print(f"  {name:<28s}{n:>10,d}")

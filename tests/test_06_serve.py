@@ -26,7 +26,7 @@ serve = importlib.import_module("06_serve")
 KEY = "test-key-3f9a1c77"
 USER, PASSWORD = "alice", "pw-7d1e0b"
 JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
-MODEL = serve.MODEL_ID
+MODEL = serve.MODEL_IDS["smollm2"]
 
 
 def make_server(lm, db, **kw) -> "serve.Server":
@@ -383,3 +383,72 @@ def test_demo_quick_runs(lesson_runs):
     assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in res["load"]["one_at_a_time"] + res["load"]["batching"])
     assert (run.out_root / "06_serve" / "serve_load.png").is_file()
     assert "sk-demo-" not in run.stdout + run.stderr
+
+
+# ------------------------------------------------------------------ --checkpoint: a lesson-04 tiny GPT
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A lesson-04 run trained for a few steps (block size 16, so replies slide past the context window)."""
+    tg = importlib.import_module("04_tiny_gpt")
+    root = tmp_path_factory.mktemp("tiny")
+    text = root / "text.txt"
+    text.write_text("\n".join(["ROMEO: But soft, what light?", "JULIET: O Romeo, Romeo!", "To be, or not to be."] * 300),
+                    encoding="utf-8")
+    tg.main(["--data", str(text), "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+             "--batch-size", "8", "--eval-iters", "2", "--evals", "2", "--device", "cpu", "--lr", "1e-2",
+             "--warmup-iters", "5", "--max-iters", "30", "--out-dir", str(root / "run")])
+    return tg, root / "run" / "small" / "ckpt_best.pt"
+
+
+def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint, tmp_path):
+    """Lesson 04 exports model.pt2; the server loads it (no lesson-04 code) with a checkpoint's weights. Concurrent
+    greedy requests (batched, different lengths, past the 16-token window) equal lesson 04's own generate()."""
+    import openai
+    import torch
+
+    from common.exported import load_tiny_gpt
+    from common.training import load_checkpoint, tokenizer_from_state
+
+    tg, ckpt = tiny_checkpoint
+    assert (ckpt.parent / "model.pt2").is_file()
+    ck = load_checkpoint(ckpt)
+    ref_model = tg.GPT(**ck["model_config"]).eval()
+    ref_model.load_state_dict(ck["model"])
+    tok = tokenizer_from_state(ck["tokenizer"])
+    prompts, n = ["ROMEO:", "To be, or", "J", "JULIET: O Romeo, Romeo! To be"], 24
+
+    def expected(p):
+        ids = tok.encode(p + "\n")
+        return tok.decode(tg.generate(ref_model, torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist())
+
+    lm = load_tiny_gpt(ckpt)
+    with serve.Running(make_server(lm, tmp_path / "s.sqlite3", max_context=128)) as run:
+        client = openai.OpenAI(base_url=run.base_url, api_key=KEY, max_retries=0)
+        model = "tiny-gpt-small"
+        assert [m.id for m in client.models.list()] == [model]
+
+        def ask(p):
+            return client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
+                                                  max_tokens=n, temperature=0).choices[0].message.content
+        with __import__("concurrent.futures").futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(ask, prompts))
+        stream = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompts[0]}], max_tokens=n, temperature=0, stream=True)
+            if c.choices)
+        status, _, body = request(run, "POST", "/v1/generate", {"prompt": "a\u4e2d", "max_new_tokens": 2}, auth())
+    assert got == [expected(p) for p in prompts]
+    assert stream == got[0]
+    assert status == 400 and "字符" in body["error"]["message"]        # a character the model never saw
+
+
+def test_checkpoint_without_export_gives_one_clear_line(tiny_checkpoint, tmp_path, script_env):
+    import shutil
+
+    _, ckpt = tiny_checkpoint
+    lone = tmp_path / "copy" / "ckpt_best.pt"
+    lone.parent.mkdir()
+    shutil.copy(ckpt, lone)
+    out = subprocess.run([sys.executable, "06_serve.py", "--checkpoint", str(lone), "--port", str(free_port()),
+                          "--out-dir", str(tmp_path)], cwd=Path(serve.__file__).parent, env=script_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "model.pt2" in out.stderr + out.stdout and "Traceback" not in out.stderr
