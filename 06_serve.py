@@ -902,7 +902,7 @@ def load_test(run: Running, key: str, clients: list[int], per_client: int, max_t
     from tqdm import tqdm
 
     engine, rows = run.srv.engine, run.srv.engine.cache.batch
-    one_client(run.base_url, key, [(PROMPTS[0], 2)])                 # 预热
+    one_client(run.base_url, key, run.srv.model_id, [(PROMPTS[0], 2)])                 # 预热
     out = {"one_at_a_time": [], "batching": []}
     steps = {}
     for n in tqdm(clients, desc="压测（并发客户端数）", unit="轮"):

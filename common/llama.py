@@ -20,7 +20,6 @@ head as in the Hugging Face layout. tests/test_llama_reference.py compares again
 from __future__ import annotations
 
 import copy
-
 import math
 from dataclasses import dataclass
 
