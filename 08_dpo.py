@@ -11,7 +11,7 @@
   5. β 的作用（两个取值）和一个失败模式（学习率太大 → 语言能力崩坏，用中性文本的困惑度量出来）。
 
 本地模型只懂英文，所以数据和提示都是英文的（data/dpo/）。
-用时：--quick 几分钟以内；默认是 4 次训练（各 30 步或 10 步）+ 5 次评估，比 --quick 长很多（实测见 docs/08_dpo.md）。
+用时（2 核 CPU 实测，见 docs/08_dpo.md）：--quick 约 1～1.5 分钟；默认是 4 次训练（各 30 步或 10 步）+ 5 次评估，约 9 分钟。
 步数固定，--time-budget 只是每次训练的安全上限：被它截断时脚本会大声提示。
 
 常用命令：
@@ -175,14 +175,20 @@ class ReferenceLogprobs:
 # ---------------------------------------------------------------------------
 # 4. 训练：DPO 和 SFT 基线用同一个循环、同样的 batch 顺序，只有目标函数不同
 # ---------------------------------------------------------------------------
-def dpo_objective(ref: ReferenceLogprobs, beta: float):
+def dpo_objective(ref: ReferenceLogprobs, beta: float, nll_weight: float = 0.0):
+    """nll_weight > 0：再加上 chosen 回答每 token 的平均负对数似然 × nll_weight（Llama 3 的做法，RPO 论文也这么做）。
+    纯 DPO 只要求 chosen "相对" rejected 变得更可能；两者的概率可以一起往下掉（第 5 节），NLL 项把 chosen 拉住。"""
     def objective(model, enc, idx):
         p = [enc[i][0] for i in idx]
         pol_c = sequence_logprobs(model, p, [enc[i][1] for i in idx])
         pol_r = sequence_logprobs(model, p, [enc[i][2] for i in idx])
         ref_c, ref_r = ref.get(model, idx)
         loss, margin = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
-        return loss, {"acc": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+        if nll_weight > 0:                             # 同一次前向里已经有 log π(y_w)：不用多算
+            n_tok = torch.tensor([len(enc[i][1]) for i in idx], dtype=pol_c.dtype, device=pol_c.device)
+            loss = loss + nll_weight * (-(pol_c / n_tok)).mean()
+        return loss, {"acc": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
+                      "chosen_drift": (pol_c.detach() - ref_c).mean().item()}
     return objective
 
 
@@ -199,7 +205,7 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed)              # 所有运行看到同样顺序的数据（公平比较）
     order = torch.cat([torch.randperm(len(enc), generator=g) for _ in range(steps * a.batch_size // len(enc) + 1)])
-    hist = {"loss": [], "acc": [], "margin": []}
+    hist = {"loss": [], "acc": [], "margin": [], "chosen_drift": []}
     meta = {"rank": a.rank, "alpha": a.rank * ALPHA_OVER_RANK, "targets": TARGETS, "run": label}
     t0, cut = time.perf_counter(), False
     bar = tqdm(range(steps), desc=label, ncols=90, file=sys.stdout)
@@ -324,7 +330,7 @@ def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("device",))
     p.add_argument("--beta", type=positive_float, default=0.1, help="DPO 的 β：越大，越不许模型离参考模型太远")
     p.add_argument("--beta-alt", type=positive_float, default=1.0, help="对比用的第二个 β（--quick 不跑）")
-    p.add_argument("--lr", type=positive_float, default=1e-4,
+    p.add_argument("--lr", type=positive_float, default=3e-4,
                    help="LoRA 学习率（SFT 基线用同一个）。DPO 的 loss 很快就接近 0，AdamW 仍按 lr 大小的步子推，lr 太大会训坏")
     p.add_argument("--fail-lr-mult", type=non_negative_float, default=30.0,
                    help="失败模式：用 lr × 这个倍数再训练一次 DPO（0 = 不跑；--quick 不跑）")
@@ -332,15 +338,18 @@ def parse_args(argv=None):
     p.add_argument("--fail-steps", type=positive_int, default=10, help="失败模式那次训练的步数（坏掉只需要几步）")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="每次训练的时间上限（分钟；默认 3，--quick 为 1）。只是安全上限：被它截断时会大声提示")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="每步几对偏好数据")
+    p.add_argument("--nll-weight", type=non_negative_float, default=0.0,
+                   help="DPO 损失再加上 chosen 的 NLL × 这个权重（0 = 纯 DPO；Llama 3 用 0.2）")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="每步几对偏好数据（默认 4；--quick 为 2）")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
-    p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 16）")
-    p.add_argument("--eval-pairs", type=positive_int, default=None, help="算奖励准确率用几对留出数据（默认 32；--quick 为 12）")
+    p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 8）")
+    p.add_argument("--eval-pairs", type=positive_int, default=None, help="算奖励准确率用几对留出数据（默认 32；--quick 为 8）")
     add_max_new_tokens(p, 48, "评估时每条回答最多生成多少个新 token（用完还没结束算\"太长\"）")
     p.add_argument("--data", type=existing_file, default=DATA_DIR / "train.json", help="训练偏好数据")
     p.add_argument("--heldout", type=existing_file, default=DATA_DIR / "heldout.json", help="留出偏好数据")
     a = p.parse_args(argv)
-    for k, full, quick in [("steps", 30, 6), ("time_budget", 3.0, 1.0), ("eval_n", 64, 16), ("eval_pairs", 32, 12)]:
+    for k, full, quick in [("steps", 30, 6), ("time_budget", 3.0, 1.0), ("eval_n", 64, 8), ("eval_pairs", 32, 8),
+                           ("batch_size", 4, 2)]:
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
     a.kl_n, a.gen_batch = min(16, a.eval_pairs), 64
@@ -433,7 +442,7 @@ def main(argv=None):
         what = "只在 chosen 上做 SFT（基线）" if beta is None else f"DPO，β={beta:g}"
         print(f"\n== {n}. 训练 {label}：{what}，{steps} 步 × {a.batch_size} 对，lr {lr:g}，LoRA r={a.rank} ==")
         model = fresh_policy(base, a)
-        objective = sft_objective if beta is None else dpo_objective(ref_train, beta)
+        objective = sft_objective if beta is None else dpo_objective(ref_train, beta, a.nll_weight)
         tr = train(model, enc, objective, a, label, lr, steps, out / f"adapter_{key}.safetensors")
         runs[key] = {**evaluate(model, tok, held_enc, ref_held, gen_prompts, a, label, a.beta if beta is None else beta),
                      "train": tr, "beta": beta, "lr": lr, "label": label}

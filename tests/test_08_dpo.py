@@ -92,6 +92,26 @@ def test_one_dpo_step_raises_chosen_logprob_on_a_model():
     assert torch.equal(ref.get(model, idx)[0], c0)
 
 
+def test_nll_weight_adds_the_chosen_tokens_mean_nll_to_the_dpo_loss():
+    """--nll-weight w: loss = DPO + w * mean over pairs of (-log p(chosen) / chosen tokens), the NLL computed
+    independently here with cross-entropy on the full sequence's logits."""
+    import torch.nn.functional as F
+
+    model = with_lora(tiny_model())
+    g = torch.Generator().manual_seed(5)
+    enc = [_pair(g, c_len=n) for n in (3, 6)]
+    ref, idx = L8.ReferenceLogprobs(enc), [0, 1]
+    with torch.no_grad():
+        plain, _ = L8.dpo_objective(ref, 0.3)(model, enc, idx)
+        mixed, _ = L8.dpo_objective(ref, 0.3, nll_weight=0.7)(model, enc, idx)
+        nll = []
+        for prompt, chosen, _ in enc:
+            ids = torch.tensor([prompt + chosen])
+            logits = model(ids)[0, len(prompt) - 1:-1]
+            nll.append(F.cross_entropy(logits.double(), torch.tensor(chosen)).item())
+    assert abs((mixed - plain).item() - 0.7 * sum(nll) / 2) < 1e-4
+
+
 # ------------------------------------------------------------------ log-probabilities
 def test_sequence_logprob_counts_response_tokens_only_and_ignores_padding():
     model = tiny_model()
