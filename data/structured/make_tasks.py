@@ -84,7 +84,6 @@ def review_tasks(rng: random.Random, n: int = 24) -> list[dict]:
 def agent_tasks(rng: random.Random) -> list[dict]:
     out = []
     for a, b, op in [(17, 23, "*"), (1250, 348, "-"), (96, 12, "/"), (45, 78, "+")]:
-        expr = f"{a} {op} {b}"
         value = {"*": a * b, "-": a - b, "/": a / b, "+": a + b}[op]
         value = int(value) if float(value).is_integer() else value
         word = {"*": "times", "-": "minus", "/": "divided by", "+": "plus"}[op]
