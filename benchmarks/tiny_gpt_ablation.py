@@ -113,11 +113,16 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, minutes: float) -> Path:
+    import matplotlib
+
     fig, ax = new_figure(size=(9, 5.5))
-    for r in rows:
-        if r["rep"] == 0:
-            ax.plot(r["curve_time"][1:], r["curve_val"][1:], "o-" if r["name"] in ("babygpt", "gpt2", "speedrun") else ".-",
-                    lw=2.2 if r["name"] in ("babygpt", "gpt2", "speedrun") else 1, label=r["name"])
+    colors = matplotlib.colormaps["tab20"].colors            # 14 variants: 10 default colours would repeat
+    firsts = [r for r in rows if r["rep"] == 0]
+    for i, r in enumerate(firsts):
+        key = r["name"] in ("babygpt", "gpt2", "speedrun")
+        style = "o-" if key else (".-" if VARIANTS[r["name"]][0] != "cumulative" else "s--")
+        ax.plot(r["curve_time"][1:], r["curve_val"][1:], style, color=colors[i % len(colors)],
+                lw=2.2 if key else 1, ms=4 if not key else 6, label=r["name"])
     ax.set_xlabel("training time (s)"); ax.set_ylabel("val loss (fixed batches)")
     ax.set_title(f"lesson 04 ablation, {minutes:g} min per variant, one after the other")
     ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=2)
