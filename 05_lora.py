@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import statistics
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_int,  # noqa: E402
                         positive_float, positive_int, setup_run)
 from common.device import machine_busy, peak_rss_mb, synchronize  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
+from common.errors import UserError, read_json, run_cli  # noqa: E402
 from common.generate import generate_batch  # noqa: E402
 from common.lora import TARGETS, inject_lora, load_adapter, lora_modules, parse_targets, save_adapter  # noqa: E402
 from common.outputs import REPO_ROOT, output_dir, save_results  # noqa: E402
@@ -98,13 +97,7 @@ def lora_arithmetic(n_layers, dim, kv_dim, ffn, vocab, tied, targets, r) -> dict
 
 # 2. 数据：instruction/input/output → ChatML 提示 + 答案；标签里提示部分为 -100
 def load_examples(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"找不到数据文件 {path}；请检查 --data / --eval-data 的路径。")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} 不是合法的 UTF-8 JSON（{str(e)[:60]}）；格式应为 [{{\"instruction\", \"input\", \"output\"}}, ...]。")
+    rows = read_json(path, "数据文件", "请检查 --data / --eval-data 的路径和格式：[{\"instruction\", \"input\", \"output\"}, ...]。")
     if not isinstance(rows, list) or not rows or not all(
             isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
             and isinstance(r.get("input", ""), str) for r in rows):

@@ -30,7 +30,7 @@ import torch
 from common.cli import (add_max_new_tokens, course_parser, existing_file, non_negative_float, positive_int, probability,
                         setup_run)
 from common.client import client_from_args
-from common.errors import UserError, run_cli
+from common.errors import UserError, read_json, run_cli
 from common.outputs import REPO_ROOT, save_results
 
 NAME = "07_structured_output"
@@ -652,10 +652,7 @@ def build_vocab(tokenizer) -> Vocab:
 
 def one_schema(args, client) -> dict:
     """--schema/--prompt：为用户的 schema 生成一个回答（不支持的关键字会在编译时报出中文错误）。"""
-    try:
-        schema = json.loads(args.schema.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{args.schema} 不是合法的 JSON：{e}") from None
+    schema = read_json(args.schema, "schema 文件", "请检查 --schema。")
     grammar = Grammar(schema)
     messages = [{"role": "user", "content": args.prompt + "\nAnswer with JSON."}]
     if client.backend == "openai":

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.cli import course_parser, positive_float, positive_int, setup_run  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
+from common.errors import UserError, read_json, run_cli  # noqa: E402
 from common.generate import generate_batch  # noqa: E402
 from common.lora import adapters_disabled, inject_lora, save_adapter  # noqa: E402
 from common.outputs import REPO_ROOT, output_dir, save_results  # noqa: E402
@@ -79,12 +78,7 @@ def check_answer(text: str) -> tuple[bool, str]:
 
 
 def load_pairs(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"找不到偏好数据 {path}；请先运行 python data/dpo/make_dataset.py。")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} 不是合法的 UTF-8 JSON（{str(e)[:60]}）。")
+    rows = read_json(path, "偏好数据", "请先运行 python data/dpo/make_dataset.py，或检查 --data / --heldout。")
     if not isinstance(rows, list) or not rows or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "chosen", "rejected"))
             for r in rows):
@@ -177,7 +171,7 @@ class ReferenceLogprobs:
 # ---------------------------------------------------------------------------
 def dpo_objective(ref: ReferenceLogprobs, beta: float, nll_weight: float = 0.0):
     """nll_weight > 0：再加上 chosen 回答每 token 的平均负对数似然 × nll_weight（Llama 3 的做法，RPO 论文也这么做）。
-    纯 DPO 只要求 chosen "相对" rejected 变得更可能；两者的概率可以一起往下掉（第 5 节），NLL 项把 chosen 拉住。"""
+    纯 DPO 只要求 chosen "相对" rejected 变得更可能；两者的概率可以一起往下掉（docs/08 第 6 节），NLL 项把 chosen 拉住。"""
     def objective(model, enc, idx):
         p = [enc[i][0] for i in idx]
         pol_c = sequence_logprobs(model, p, [enc[i][1] for i in idx])

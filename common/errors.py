@@ -17,6 +17,22 @@ def fail(message: str) -> None:
     raise UserError(message)
 
 
+def read_json(path, what: str, hint: str = ""):
+    """A JSON file the user points at -> its value. Missing file or invalid UTF-8 JSON -> a UserError (one line):
+    "找不到<what> <path>" / "<path> 不是合法的 UTF-8 JSON", each followed by hint (what to do, or the expected shape)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tail = f"；{hint}" if hint else "。"
+    if not path.is_file():
+        raise UserError(f"找不到{what} {path}{tail}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} 不是合法的 UTF-8 JSON（{str(e)[:60]}）{tail}") from None
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a lesson's main() and turn user errors and Ctrl-C into clean exits.
 

@@ -16,13 +16,13 @@ engine uses (``new_cache``, ``reset_rows``, ``first_rows``, a call with ``cache`
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import torch
 
 from common.errors import UserError
-
-EXPORT_NAME = "model.pt2"
+from common.training import EXPORT_NAME, load_checkpoint, tokenizer_from_state
 
 
 class TokenRows:
@@ -46,8 +46,8 @@ class TokenRows:
 class TinyGPTModel:
     """An exported lesson-04 GPT behind the engine's model interface."""
 
-    def __init__(self, program: torch.nn.Module, block_size: int, n_params: int):
-        self.program, self.block_size, self.n_params = program, block_size, n_params
+    def __init__(self, program: torch.nn.Module, block_size: int):
+        self.program, self.block_size = program, block_size
         self.device = torch.device("cpu")
 
     def new_cache(self, batch: int, max_len: int) -> TokenRows:
@@ -109,9 +109,6 @@ class PlainTextTemplate:
     def __init__(self, tok):
         self.tok = tok
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
 
@@ -124,9 +121,7 @@ class PlainTextTemplate:
 
 
 def load_tiny_gpt(checkpoint: Path):
-    """A lesson-04 checkpoint (+ the model.pt2 beside it) -> an object with .model, .tokenizer, .name."""
-    from common.training import load_checkpoint, tokenizer_from_state
-
+    """A lesson-04 checkpoint (+ the model.pt2 beside it) -> an object with .model, .tokenizer, .model_id."""
     checkpoint = Path(checkpoint)
     ck = load_checkpoint(checkpoint)
     graph = checkpoint.parent / EXPORT_NAME
@@ -139,10 +134,6 @@ def load_tiny_gpt(checkpoint: Path):
     except Exception as e:  # noqa: BLE001 - any mismatch gets the same hint
         raise UserError(f"{graph} 与检查点 {checkpoint.name} 不匹配或已损坏（{type(e).__name__}）；"
                         f"运行 python 04_tiny_gpt.py --sample-only --checkpoint {checkpoint} 重新导出") from None
-    n_params = sum(t.numel() for t in {t.data_ptr(): t for t in ck["model"].values()}.values())  # tied counted once
-    lm = type("TinyGPT", (), {})()
-    lm.model = TinyGPTModel(program, ck["model_config"]["block_size"], n_params)
-    lm.tokenizer = PlainTextTemplate(tokenizer_from_state(ck["tokenizer"]))
-    lm.model_id = f"tiny-gpt-{checkpoint.parent.name}"
-    lm.info = {"step": ck["state"]["it"], "val_loss": ck["state"]["best_val"]}
-    return lm
+    return types.SimpleNamespace(model=TinyGPTModel(program, ck["model_config"]["block_size"]),
+                                 tokenizer=PlainTextTemplate(tokenizer_from_state(ck["tokenizer"])),
+                                 model_id=f"tiny-gpt-{checkpoint.parent.name}")

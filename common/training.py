@@ -157,6 +157,9 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
+EXPORT_NAME = "model.pt2"      # the exported graph, beside a run's checkpoints
+
+
 def export_model(model, path: Path) -> Path:
     """torch.export: the model's forward pass as a graph (plus its weights) in one file, loadable without this
     code (lesson 06 serves it: common/exported.py). Batch and length are dynamic; length up to block_size."""
@@ -175,7 +178,7 @@ def export_model(model, path: Path) -> Path:
 
 def export_beside(model, ckpt_path: Path) -> None:
     """model.pt2 next to a checkpoint, for `python 06_serve.py --checkpoint` (only if missing: one per run folder)."""
-    target = ckpt_path.parent / "model.pt2"
+    target = ckpt_path.parent / EXPORT_NAME
     if not target.exists():
         try:
             export_model(model, target)

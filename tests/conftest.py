@@ -136,3 +136,17 @@ def restore_torch_globals():
     yield
     torch.set_num_threads(threads)
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture()
+def data_generator(tmp_path, monkeypatch):
+    """data/<set>/make_dataset.py loaded as a fresh module (it is a script, not a package), writing to tmp_path."""
+    import importlib.util
+
+    def load(folder: Path):
+        spec = importlib.util.spec_from_file_location(f"make_dataset_{folder.name}", folder / "make_dataset.py")
+        gen = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gen)
+        monkeypatch.setattr(gen, "HERE", tmp_path)
+        return gen
+    return load

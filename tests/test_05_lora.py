@@ -264,7 +264,7 @@ def test_default_config_trains_under_one_percent(local_fp32):
     assert L5.param_report(model, a.targets)["trainable_pct"] < 1.0
 
 
-def test_dataset_files_and_generator_are_consistent(tmp_path, monkeypatch):
+def test_dataset_files_and_generator_are_consistent(tmp_path, data_generator):
     d = REPO / "data" / "lora"
     train, ev = json.loads((d / "train.json").read_text("utf-8")), json.loads((d / "eval.json").read_text("utf-8"))
     assert len(train) >= 200 and len(ev) >= 50
@@ -273,11 +273,7 @@ def test_dataset_files_and_generator_are_consistent(tmp_path, monkeypatch):
         assert L5.ANSWER_RE.match(r["output"])
     assert not {r["input"] for r in train} & {r["input"] for r in ev}       # held-out messages are unseen
     # the committed JSON is exactly what the deterministic generator writes
-    spec = importlib.util.spec_from_file_location("make_dataset", d / "make_dataset.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    monkeypatch.setattr(gen, "HERE", tmp_path)
-    gen.main()
+    data_generator(d).main()
     for name in ("train.json", "eval.json"):
         assert (tmp_path / name).read_bytes() == (d / name).read_bytes()
 

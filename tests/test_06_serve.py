@@ -403,6 +403,8 @@ def tiny_checkpoint(tmp_path_factory):
 def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint, tmp_path):
     """Lesson 04 exports model.pt2; the server loads it (no lesson-04 code) with a checkpoint's weights. Concurrent
     greedy requests (batched, different lengths, past the 16-token window) equal lesson 04's own generate()."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import openai
     import torch
 
@@ -430,7 +432,7 @@ def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint
         def ask(p):
             return client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
                                                   max_tokens=n, temperature=0).choices[0].message.content
-        with __import__("concurrent.futures").futures.ThreadPoolExecutor(len(prompts)) as pool:
+        with ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(ask, prompts))
         stream = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompts[0]}], max_tokens=n, temperature=0, stream=True)

@@ -195,26 +195,20 @@ def test_checker(text, ok):
     assert L8.check_answer(text)[0] is ok
 
 
-def test_dataset_matches_checker_and_generator():
+def test_dataset_matches_checker_and_generator(data_generator):
     d = REPO / "data" / "dpo"
     train, held = (json.loads((d / n).read_text("utf-8")) for n in ("train.json", "heldout.json"))
     assert len(train) >= 300 and len(held) >= 100
     L8.check_data(train, held)                       # chosen pass, rejected fail, no shared prompts
-    spec = importlib.util.spec_from_file_location("make_dpo_dataset", d / "make_dataset.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = data_generator(d)
     for r in train + held:                           # the generator's copy of the rule agrees with the lesson's
         assert gen.CHECKER(r["chosen"]) == L8.check_answer(r["chosen"])[0]
         assert gen.CHECKER(r["rejected"]) == L8.check_answer(r["rejected"])[0]
 
 
-def test_dataset_files_are_what_the_generator_writes(tmp_path, monkeypatch):
+def test_dataset_files_are_what_the_generator_writes(tmp_path, data_generator):
     d = REPO / "data" / "dpo"
-    spec = importlib.util.spec_from_file_location("make_dpo_dataset2", d / "make_dataset.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    monkeypatch.setattr(gen, "HERE", tmp_path)
-    gen.main()
+    data_generator(d).main()
     for name in ("train.json", "heldout.json"):
         assert (tmp_path / name).read_bytes() == (d / name).read_bytes()
 
