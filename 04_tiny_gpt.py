@@ -529,6 +529,7 @@ def main(argv=None):
     data = prepare_data(a, ck, dist.master)                  # 1. 数据
     run = build_run(a, data, ck, dist)                       # 2. 模型与优化器
     train(run, data, a, dist)                                # 3. 训练
+    run.model = run.raw                                      # 训练完了：去掉 DDP 包装（它握着进程组），再关闭进程组
     dist.close()
     if not dist.master:
         return

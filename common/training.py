@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import math
 import os
@@ -292,6 +293,12 @@ class Distributed:
         if self.enabled:
             import torch.distributed as dist
 
+            # Call this after dropping the DDP wrapper (it holds the process group). A process group still
+            # referenced when the interpreter shuts down is torn down during finalization, and gloo's worker
+            # threads then abort the process ("terminate called without an active exception", seen under
+            # load in CI). The barrier lets every rank finish its last collective before any rank tears down.
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 

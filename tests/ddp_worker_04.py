@@ -50,6 +50,7 @@ def main(out: str, optimizer: str) -> None:
     if dist.master:
         Path(out).write_text(json.dumps({"world": dist.world, "losses": losses, "rank_diffs": rank_diffs,
                                          "weights": flat.tolist()}), encoding="utf-8")
+    del model                                      # the DDP wrapper holds the process group: drop it first
     dist.close()
 
 
