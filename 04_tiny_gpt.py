@@ -54,7 +54,7 @@ PRESETS = {
     "medium": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, lr=3e-3,
                    max_iters=None, time_budget=3.0, warmup_iters=50, eval_iters=20, evals=6),
     # 今天的配方（第 5 步的改动 + Muon），同样 3 分钟。Muon 学习率 0.02 对 0.05、共享对不共享输出层：
-    # 都按 250 步的实测选（docs/04 "从 GPT-2 到今天"）；3 分钟两次 1.571、1.598，见 docs/04 第 10 节
+    # 都按 250 步的实测选（docs/04 "从 GPT-2 到今天"）；3 分钟（空闲 2 核）两次 1.535、1.542，见 docs/04 第 10 节
     "speedrun": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, lr=3e-3, muon_lr=0.02,
                      norm="rms", pos="rope", qk_norm="on", mlp="relu2", head="tied", optimizer="muon",
                      max_iters=None, time_budget=3.0, warmup_iters=50, eval_iters=20, evals=6),
