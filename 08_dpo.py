@@ -186,10 +186,43 @@ def dpo_objective(ref: ReferenceLogprobs, beta: float, nll_weight: float = 0.0):
     return objective
 
 
+@torch.no_grad()
+def self_rejected(base, tok, enc, a) -> tuple[list, list[int]]:
+    """--rejected model：chosen 仍用数据里的回答，rejected 换成基座模型自己（贪心）写出的回答（SPIN 的做法）。
+
+    数据里的 rejected 是人写的长篇大论，模型本来就不太会那样开头：把它压低，贪心解码几乎不变（docs/08 第 4 节）。
+    换成模型自己的回答，被压低的就是它现在最可能说的话。只为训练会用到的那些对生成；检查器仍然只用于评估。"""
+    steps = max(a.steps, a.fail_steps) if not a.quick and a.fail_lr_mult > 0 else a.steps
+    used = sorted(set(batch_order(len(enc), steps, a.batch_size, a.seed)[:steps * a.batch_size]))
+    outs = []
+    for i in range(0, len(used), a.gen_batch):
+        outs += generate_batch(base, [enc[k][0] for k in used[i:i + a.gen_batch]], a.max_new_tokens,
+                               stop_ids=tok.eos_ids)
+    new = list(enc)
+    for k, o in zip(used, outs):                       # 没写完的回答就按写到的地方为止（不加 <|im_end|>）
+        new[k] = (enc[k][0], enc[k][1], o + [tok.im_end] if len(o) < a.max_new_tokens else o)
+    return new, used
+
+
+def show_self_rejected(base, tok, enc, a) -> list:
+    t0 = time.perf_counter()
+    new, used = self_rejected(base, tok, enc, a)
+    k = used[0]
+    print(f"--rejected model：基座模型为训练会用到的 {len(used)} 个问题各写了一个回答（贪心，{time.perf_counter() - t0:.0f} 秒），"
+          f"用它们代替数据里的 rejected（chosen 不变）。例如：\n  rejected（模型自己写的）：{tok.decode([t for t in new[k][2] if t != tok.im_end]).strip()!r}")
+    return new
+
+
 def sft_objective(model, enc, idx):
     """基线：只在 chosen 回答上做普通的 SFT（回答 token 的平均负对数似然），完全不看 rejected。"""
     logits, targets, _ = response_logits(model, [enc[i][0] for i in idx], [enc[i][1] for i in idx])
     return F.cross_entropy(logits, targets), {}
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """每一步用哪几对数据：固定种子的随机顺序，所有运行都一样（公平比较）。"""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(steps * batch_size // n + 1)]).tolist()
 
 
 def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_path: Path) -> dict:
@@ -197,8 +230,7 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
     from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(a.seed)              # 所有运行看到同样顺序的数据（公平比较）
-    order = torch.cat([torch.randperm(len(enc), generator=g) for _ in range(steps * a.batch_size // len(enc) + 1)])
+    order = batch_order(len(enc), steps, a.batch_size, a.seed)
     hist = {"loss": [], "acc": [], "margin": [], "chosen_drift": []}
     meta = {"rank": a.rank, "alpha": a.rank * ALPHA_OVER_RANK, "targets": TARGETS, "run": label}
     t0, cut = time.perf_counter(), False
@@ -206,7 +238,7 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
     model.train()
     try:
         for step in bar:
-            idx = order[step * a.batch_size:(step + 1) * a.batch_size].tolist()
+            idx = order[step * a.batch_size:(step + 1) * a.batch_size]
             for grp in opt.param_groups:                   # 5 步线性 warmup
                 grp["lr"] = lr * min(1.0, (step + 1) / 5)
             loss, stats = objective(model, enc, idx)
@@ -334,6 +366,8 @@ def parse_args(argv=None):
                    help="每次训练的时间上限（分钟；默认 3，--quick 为 1）。只是安全上限：被它截断时会大声提示")
     p.add_argument("--nll-weight", type=non_negative_float, default=0.0,
                    help="DPO 损失再加上 chosen 的 NLL × 这个权重（0 = 纯 DPO；Llama 3 用 0.2）")
+    p.add_argument("--rejected", choices=["data", "model"], default="data",
+                   help="DPO 的 rejected：data = 数据里写好的差回答；model = 基座模型自己生成的回答（SPIN 式，训练前先生成）")
     p.add_argument("--batch-size", type=positive_int, default=None, help="每步几对偏好数据（默认 4；--quick 为 2）")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
     p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 8）")
@@ -420,11 +454,13 @@ def main(argv=None):
     show_logprobs(base, train_rows, enc)
 
     runs = {}
-    ref_train = ReferenceLogprobs(enc)
     ref_held = heldout_logprobs(base, held_enc)          # base 没有适配器：它就是参考模型
 
     print("\n== 3. 训练前：基座模型（= 参考模型）==")
     runs["base"] = evaluate(base, tok, held_enc, ref_held, gen_prompts, a, "基座", a.beta)
+    if a.rejected == "model":                            # SPIN 式：rejected = 基座模型自己的回答
+        enc = show_self_rejected(base, tok, enc, a)
+    ref_train = ReferenceLogprobs(enc)
 
     plan = [("sft", "SFT(只学 chosen)", None, a.lr, a.steps), ("dpo", f"DPO β={a.beta:g}", a.beta, a.lr, a.steps)]
     if not a.quick:

@@ -181,6 +181,28 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     assert after["reward_accuracy"] >= 0.75 and after["mean_margin"] > 0 and after["kl_per_token"] > 0
 
 
+def test_self_rejected_replaces_only_the_used_rejected_answers_with_the_base_models_greedy_answer():
+    """--rejected model: for every pair training will use, rejected = what the base model writes greedily
+    for that prompt (checked against common.generate.generate, one prompt at a time, no cache: an
+    independent path); chosen and prompts stay as they were, unused pairs are untouched."""
+    from common.generate import generate
+    g = torch.Generator().manual_seed(3)
+    enc = [(rand_ids(4 + i % 3, g), rand_ids(5, g), rand_ids(7, g)) for i in range(20)]
+    base = tiny_model()
+    tok = argparse.Namespace(im_end=63, eos_ids={63})
+    a = argparse.Namespace(steps=3, batch_size=4, seed=0, quick=True, fail_steps=1, fail_lr_mult=0.0,
+                           gen_batch=5, max_new_tokens=6)
+    new, used = L8.self_rejected(base, tok, enc, a)
+    assert used == sorted(set(L8.batch_order(20, 3, 4, 0)[:12])) and len(used) > 4
+    for k in range(20):
+        assert new[k][:2] == enc[k][:2]
+        if k not in used:
+            assert new[k] == enc[k]
+            continue
+        alone = list(generate(base, enc[k][0], 6, use_cache=False, stop_ids=[63]))
+        assert new[k][2] == (alone + [63] if len(alone) < 6 else alone)
+
+
 # ------------------------------------------------------------------ checker and data
 @pytest.mark.parametrize("text,ok", [
     ("Water it when the soil is dry. Is it near a window?", True),
