@@ -7,7 +7,8 @@
 Optional pieces the lessons need (all in ``Llama.forward``):
   * a KV cache (``KVCache``): keys/values of earlier positions are kept, so a new token only
     computes its own K/V (lesson 02); rows can be reset and reused (a serving engine, lesson 06);
-  * ``attention_mask``: prompts of different lengths in one batch (padding on either side);
+  * ``attention_mask``: prompts of different lengths in one batch (padding on either side), packed
+    so that padding costs no matmul work;
   * ``last_only`` (next-token logits only) and ``return_hidden`` (hidden states, e.g. for a loss on
     some positions only: lessons 05 and 08);
   * ``return_attn=True``: every layer's attention weights [B, heads, T, S] (lesson 01).
@@ -164,6 +165,7 @@ class Span:
     start: int = 0
     cols: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    real: torch.Tensor | None = None   # [B, T] bool when packed: x holds only the real tokens, [N, dim]
 
 
 class Attention(nn.Module):
@@ -178,10 +180,10 @@ class Attention(nn.Module):
 
     def forward(self, x, span: Span, layer: int, cache: KVCache | None, return_attn: bool):
         cfg = self.cfg
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        B, T = span.real.shape if span.real is not None else x.shape[:2]
+        q = self._rows(self.q_proj(x), span).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
+        k = self._rows(self.k_proj(x), span).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        v = self._rows(self.v_proj(x), span).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
         q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
 
         if cache is not None:  # write this step's K/V, then attend over everything so far
@@ -219,7 +221,18 @@ class Attention(nn.Module):
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)          # [B, T, 576]
+        if span.real is not None:
+            out = out[span.real]                                                     # [N, 576]: real tokens only
         return self.o_proj(out), attn
+
+    @staticmethod
+    def _rows(t: torch.Tensor, span: Span) -> torch.Tensor:
+        """Packed batch: put the real tokens' [N, C] back into a zero-padded [B, T, C] for attention."""
+        if span.real is None:
+            return t
+        full = t.new_zeros(*span.real.shape, t.shape[-1])
+        full[span.real] = t
+        return full
 
 
 class MLP(nn.Module):
@@ -280,7 +293,12 @@ class Llama(nn.Module):
         cache           a KVCache: earlier positions are read from it and this call's K/V appended
         attention_mask  [B, T], 1 = real token, 0 = padding (prompts of different lengths in one
                         batch, padded on the left or the right): padding is never attended to and
-                        every real token gets its true position (0, 1, 2, ... within its own row)
+                        every real token gets its true position (0, 1, 2, ... within its own row).
+                        The batch is then *packed*: embedding, projections and MLP run on the N real
+                        tokens only ([N, 576], not [B, T, 576]); only attention sees the padded [B, T]
+                        layout. So a serving step that mixes a 40-token prefill with 7 one-token decodes
+                        costs 47 tokens of matmul, not 8 x 40 (lesson 06). Padding positions of the
+                        output hold zeros (with last_only, so does a row that has no real token).
         last_only       only each row's last real token: logits [B, vocab] (all next-token sampling needs;
                         the LM head, a 576 x 49152 matrix, then runs on one position per row)
         return_hidden   the final hidden states (after the last RMSNorm) instead of logits;
@@ -291,7 +309,10 @@ class Llama(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None                   # nothing padded: the simple path is exact and faster
         span = self._span(B, T, cache, attention_mask)
-        x = self.embed(input_ids)                                                     # [B, T, 576]
+        if attention_mask is not None:              # packed: only real tokens go through the matmuls
+            span.real = attention_mask.to(input_ids.device).bool()
+            input_ids = input_ids[span.real]                                          # [N]
+        x = self.embed(input_ids)                                                     # [B, T, 576] or [N, 576]
         if x.dtype != self.norm.weight.dtype:
             x = x.to(self.norm.weight.dtype)
         attns = []
@@ -301,6 +322,8 @@ class Llama(nn.Module):
         if cache is not None:
             self._advance(cache, T, attention_mask)
         h = self.norm(x)                                                              # [B, T, 576]
+        if span.real is not None:
+            h = Attention._rows(h, span)                # back to [B, T, 576]; padding positions hold zeros
         if last_only:
             h = h[torch.arange(B, device=h.device), self._last_real(B, T, attention_mask, h.device)]  # [B, 576]
         out = h if return_hidden else self.lm_head(h).float()                         # [B, (T,) 49152]

@@ -131,6 +131,24 @@ def test_last_only_and_hidden_states(tiny, side):
     torch.testing.assert_close(from_hidden, full, atol=ATOL, rtol=0)
 
 
+def test_packed_batch_sends_only_real_tokens_through_the_matmuls(tiny):
+    """With an attention_mask the linear layers see only the real tokens (N rows, not B x T): padding costs
+    no matmul work (what lets a serving step mix one long prefill with many 1-token decodes). The outputs
+    at real positions are checked against each prompt alone above; here: the row count, and zeros at padding."""
+    prompts = _prompts([7, 1, 1, 1], seed=4)
+    ids, mask = padded(prompts, "right", pad_ids=[5] * 30)
+    seen = []
+    hook = tiny.layers[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        with torch.inference_mode():
+            hidden = tiny(ids, attention_mask=mask, return_hidden=True)
+            tiny(ids)                                            # no mask: every position is computed
+    finally:
+        hook.remove()
+    assert seen[0][:-1] == (10,) and seen[1][:-1] == (4, 7)
+    assert hidden.shape == (4, 7, 32) and torch.all(hidden[~mask.bool()] == 0)
+
+
 # ----------------------------------------------------------------------------- (c) generate_batch
 
 def test_generate_batch_greedy_equals_generate_and_reference(tiny):
