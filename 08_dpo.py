@@ -187,12 +187,11 @@ def dpo_objective(ref: ReferenceLogprobs, beta: float, nll_weight: float = 0.0):
 
 
 @torch.no_grad()
-def self_rejected(base, tok, enc, a) -> tuple[list, list[int]]:
+def self_rejected(base, tok, enc, a, steps: int) -> tuple[list, list[int]]:
     """--rejected model：chosen 仍用数据里的回答，rejected 换成基座模型自己（贪心）写出的回答（SPIN 的做法）。
 
     数据里的 rejected 是人写的长篇大论，模型本来就不太会那样开头：把它压低，贪心解码几乎不变（docs/08 第 4 节）。
-    换成模型自己的回答，被压低的就是它现在最可能说的话。只为训练会用到的那些对生成；检查器仍然只用于评估。"""
-    steps = max(a.steps, a.fail_steps) if not a.quick and a.fail_lr_mult > 0 else a.steps
+    换成模型自己的回答，被压低的就是它现在最可能说的话。只为最长的那次训练（steps 步）会用到的对生成；检查器仍然只用于评估。"""
     used = sorted(set(batch_order(len(enc), steps, a.batch_size, a.seed)[:steps * a.batch_size]))
     outs = []
     for i in range(0, len(used), a.gen_batch):
@@ -204,9 +203,9 @@ def self_rejected(base, tok, enc, a) -> tuple[list, list[int]]:
     return new, used
 
 
-def show_self_rejected(base, tok, enc, a) -> list:
+def show_self_rejected(base, tok, enc, a, steps: int) -> list:
     t0 = time.perf_counter()
-    new, used = self_rejected(base, tok, enc, a)
+    new, used = self_rejected(base, tok, enc, a, steps)
     k = used[0]
     print(f"--rejected model：基座模型为训练会用到的 {len(used)} 个问题各写了一个回答（贪心，{time.perf_counter() - t0:.0f} 秒），"
           f"用它们代替数据里的 rejected（chosen 不变）。例如：\n  rejected（模型自己写的）：{tok.decode([t for t in new[k][2] if t != tok.im_end]).strip()!r}")
@@ -458,16 +457,15 @@ def main(argv=None):
 
     print("\n== 3. 训练前：基座模型（= 参考模型）==")
     runs["base"] = evaluate(base, tok, held_enc, ref_held, gen_prompts, a, "基座", a.beta)
-    if a.rejected == "model":                            # SPIN 式：rejected = 基座模型自己的回答
-        enc = show_self_rejected(base, tok, enc, a)
-    ref_train = ReferenceLogprobs(enc)
-
     plan = [("sft", "SFT(只学 chosen)", None, a.lr, a.steps), ("dpo", f"DPO β={a.beta:g}", a.beta, a.lr, a.steps)]
     if not a.quick:
         plan.append(("dpo_beta_alt", f"DPO β={a.beta_alt:g}", a.beta_alt, a.lr, a.steps))
         if a.fail_lr_mult > 0:
             plan.append(("dpo_high_lr", f"DPO β={a.beta:g} lr×{a.fail_lr_mult:g}", a.beta, a.lr * a.fail_lr_mult,
                          a.fail_steps))
+    if a.rejected == "model":                            # SPIN 式：rejected = 基座模型自己的回答
+        enc = show_self_rejected(base, tok, enc, a, max(p[4] for p in plan))
+    ref_train = ReferenceLogprobs(enc)
     for n, (key, label, beta, lr, steps) in enumerate(plan, 4):
         what = "只在 chosen 上做 SFT（基线）" if beta is None else f"DPO，β={beta:g}"
         print(f"\n== {n}. 训练 {label}：{what}，{steps} 步 × {a.batch_size} 对，lr {lr:g}，LoRA r={a.rank} ==")

@@ -190,9 +190,8 @@ def test_self_rejected_replaces_only_the_used_rejected_answers_with_the_base_mod
     enc = [(rand_ids(4 + i % 3, g), rand_ids(5, g), rand_ids(7, g)) for i in range(20)]
     base = tiny_model()
     tok = argparse.Namespace(im_end=63, eos_ids={63})
-    a = argparse.Namespace(steps=3, batch_size=4, seed=0, quick=True, fail_steps=1, fail_lr_mult=0.0,
-                           gen_batch=5, max_new_tokens=6)
-    new, used = L8.self_rejected(base, tok, enc, a)
+    a = argparse.Namespace(batch_size=4, seed=0, gen_batch=5, max_new_tokens=6)
+    new, used = L8.self_rejected(base, tok, enc, a, steps=3)
     assert used == sorted(set(L8.batch_order(20, 3, 4, 0)[:12])) and len(used) > 4
     for k in range(20):
         assert new[k][:2] == enc[k][:2]
