@@ -152,6 +152,15 @@ class KVCache:
         return sum(t.nelement() * t.element_size() for t in self.k + self.v)
 
 
+def unpack(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Packed batch: the real tokens' [N, C] back into a zero-padded [B, T, C] (``real`` [B, T] bool)."""
+    if real is None:
+        return t
+    full = t.new_zeros(*real.shape, t.shape[-1])
+    full[real] = t
+    return full
+
+
 @dataclass
 class Span:
     """Where one forward call's tokens sit, shared by all layers.
@@ -181,9 +190,9 @@ class Attention(nn.Module):
     def forward(self, x, span: Span, layer: int, cache: KVCache | None, return_attn: bool):
         cfg = self.cfg
         B, T = span.real.shape if span.real is not None else x.shape[:2]
-        q = self._rows(self.q_proj(x), span).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
-        k = self._rows(self.k_proj(x), span).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
-        v = self._rows(self.v_proj(x), span).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        q = unpack(self.q_proj(x), span.real).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
+        k = unpack(self.k_proj(x), span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        v = unpack(self.v_proj(x), span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
         q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
 
         if cache is not None:  # write this step's K/V, then attend over everything so far
@@ -224,15 +233,6 @@ class Attention(nn.Module):
         if span.real is not None:
             out = out[span.real]                                                     # [N, 576]: real tokens only
         return self.o_proj(out), attn
-
-    @staticmethod
-    def _rows(t: torch.Tensor, span: Span) -> torch.Tensor:
-        """Packed batch: put the real tokens' [N, C] back into a zero-padded [B, T, C] for attention."""
-        if span.real is None:
-            return t
-        full = t.new_zeros(*span.real.shape, t.shape[-1])
-        full[span.real] = t
-        return full
 
 
 class MLP(nn.Module):
@@ -309,8 +309,7 @@ class Llama(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None                   # nothing padded: the simple path is exact and faster
         span = self._span(B, T, cache, attention_mask)
-        if attention_mask is not None:              # packed: only real tokens go through the matmuls
-            span.real = attention_mask.to(input_ids.device).bool()
+        if span.real is not None:                   # packed: only real tokens go through the matmuls
             input_ids = input_ids[span.real]                                          # [N]
         x = self.embed(input_ids)                                                     # [B, T, 576] or [N, 576]
         if x.dtype != self.norm.weight.dtype:
@@ -322,8 +321,7 @@ class Llama(nn.Module):
         if cache is not None:
             self._advance(cache, T, attention_mask)
         h = self.norm(x)                                                              # [B, T, 576]
-        if span.real is not None:
-            h = Attention._rows(h, span)                # back to [B, T, 576]; padding positions hold zeros
+        h = unpack(h, span.real)                    # packed: back to [B, T, 576], zeros at padding
         if last_only:
             h = h[torch.arange(B, device=h.device), self._last_real(B, T, attention_mask, h.device)]  # [B, 576]
         out = h if return_hidden else self.lm_head(h).float()                         # [B, (T,) 49152]
@@ -361,7 +359,8 @@ class Llama(nn.Module):
         mask4 = ((key_col <= cols[:, :, None]) & key_ok[:, None, :])              # causal and real
         mask4 |= key_col == cols[:, :, None]       # a padding query sees itself (never an empty row)
         return Span(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], S,
-                    cols=cols if cache is not None else None, mask=mask4[:, None])
+                    cols=cols if cache is not None else None, mask=mask4[:, None],
+                    real=m if mask is not None else None)
 
     @staticmethod
     def _advance(cache: KVCache, T: int, mask: torch.Tensor | None) -> None:
