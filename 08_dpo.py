@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -146,16 +147,25 @@ class ReferenceLogprobs:
 
     参考模型就是"关掉适配器的同一个模型"（adapters_disabled），而且它永远不变，
     所以每对数据只需算一次，记下来，之后的每一步、每一次训练（SFT 之外的所有 DPO 运行）都直接查表。
+    adapter_on=True（SFT→DPO）：参考模型 = SFT 刚结束时的策略（适配器开着）。它之后会被 DPO 改掉，
+    所以不能边训边算：DPO 开始前用 fill() 把要用到的每一对一次算好。参考模型只在这张表里出现，
+    表一旦填好就不需要第二份模型。
     """
 
-    def __init__(self, encoded):
-        self.encoded, self.table = encoded, {}
+    def __init__(self, encoded, adapter_on: bool = False):
+        self.encoded, self.table, self.adapter_on = encoded, {}, adapter_on
+
+    def fill(self, model, idx: list[int], bs: int = 8) -> None:
+        for i in range(0, len(idx), bs):
+            self.get(model, idx[i:i + bs], _filling=True)
 
     @torch.no_grad()
-    def get(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        todo = [i for i in idx if i not in self.table]
+    def get(self, model, idx: list[int], _filling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        todo = [i for i in dict.fromkeys(idx) if i not in self.table]
+        if todo and self.adapter_on and not _filling:
+            raise RuntimeError("SFT→DPO 的参考表必须在 DPO 开始前用 fill() 填好")
         if todo:
-            with adapters_disabled(model):
+            with (contextlib.nullcontext() if self.adapter_on else adapters_disabled(model)):
                 p = [self.encoded[i][0] for i in todo]
                 c = sequence_logprobs(model, p, [self.encoded[i][1] for i in todo])
                 r = sequence_logprobs(model, p, [self.encoded[i][2] for i in todo])
@@ -224,12 +234,13 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
     return torch.cat([torch.randperm(n, generator=g) for _ in range(steps * batch_size // n + 1)]).tolist()
 
 
-def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_path: Path) -> dict:
-    """AdamW 训练 LoRA 参数固定步数；超过 --time-budget 就停（并大声说出来）；Ctrl-C 时保存适配器。"""
+def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_path: Path, first: int = 0) -> dict:
+    """AdamW 训练 LoRA 参数固定步数；超过 --time-budget 就停（并大声说出来）；Ctrl-C 时保存适配器。
+    first：从 batch 顺序的第几步开始（SFT→DPO 的 DPO 阶段接着 SFT 用过的 batch 往后走）。"""
     from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = batch_order(len(enc), steps, a.batch_size, a.seed)
+    order = batch_order(len(enc), first + steps, a.batch_size, a.seed)[first * a.batch_size:]
     hist = {"loss": [], "acc": [], "margin": [], "chosen_drift": []}
     meta = {"rank": a.rank, "alpha": a.rank * ALPHA_OVER_RANK, "targets": TARGETS, "run": label}
     t0, cut = time.perf_counter(), False
@@ -268,6 +279,20 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
               f"下面的比较不再是\"等步数\"的比较；机器慢就加大 --time-budget。")
     return {"history": hist, "steps": done, "steps_planned": steps, "cut_by_time_budget": cut,
             "seconds": time.perf_counter() - t0, "adapter": adapter_path}
+
+
+def sft_then_dpo(model, enc, a, label: str, beta: float, lr: float, steps: int, path: Path) -> dict:
+    """标准流程（InstructGPT、Zephyr、Llama 都是先 SFT 再做偏好优化）：先 SFT K 步，再以"SFT 之后的模型"为参考做 DPO。
+    总步数和其他运行一样：SFT 用 batch 顺序里的前 K 步，DPO 接着用后面的 steps−K 步，见过的数据和 SFT 基线完全相同。"""
+    k = a.sft_steps
+    sft = train(model, enc, sft_objective, a, f"{label}：SFT", lr, k, path)
+    ref = ReferenceLogprobs(enc, adapter_on=True)       # 参考模型 = 此刻的策略，先把要用到的对数概率全算好
+    ref.fill(model, batch_order(len(enc), steps, a.batch_size, a.seed)[k * a.batch_size:steps * a.batch_size])
+    dpo = train(model, enc, dpo_objective(ref, beta, a.nll_weight), a, f"{label}：DPO", lr, steps - k, path, first=k)
+    return {"history": {h: sft["history"][h] + dpo["history"][h] for h in dpo["history"]},
+            "steps": sft["steps"] + dpo["steps"], "steps_planned": steps, "phase_steps": [sft["steps"], dpo["steps"]],
+            "cut_by_time_budget": sft["cut_by_time_budget"] or dpo["cut_by_time_budget"],
+            "seconds": sft["seconds"] + dpo["seconds"], "adapter": path}
 
 
 # ---------------------------------------------------------------------------
@@ -367,6 +392,8 @@ def parse_args(argv=None):
                    help="DPO 损失再加上 chosen 的 NLL × 这个权重（0 = 纯 DPO；Llama 3 用 0.2）")
     p.add_argument("--rejected", choices=["data", "model"], default="data",
                    help="DPO 的 rejected：data = 数据里写好的差回答；model = 基座模型自己生成的回答（SPIN 式，训练前先生成）")
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="再加一次标准流程：先 SFT 这么多步，再以 SFT 后的模型为参考做 DPO，总步数仍是 --steps（0 = 不跑）")
     p.add_argument("--batch-size", type=positive_int, default=None, help="每步几对偏好数据（默认 4；--quick 为 2）")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
     p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 8）")
@@ -380,6 +407,8 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
     a.kl_n, a.gen_batch = min(16, a.eval_pairs), 64
+    if not 0 <= a.sft_steps < a.steps:
+        p.error(f"--sft-steps 要在 0 到 --steps - 1（{a.steps - 1}）之间：SFT 之后至少要留 1 步给 DPO")
     return a
 
 
@@ -463,15 +492,20 @@ def main(argv=None):
         if a.fail_lr_mult > 0:
             plan.append(("dpo_high_lr", f"DPO β={a.beta:g} lr×{a.fail_lr_mult:g}", a.beta, a.lr * a.fail_lr_mult,
                          a.fail_steps))
+    if a.sft_steps:
+        plan.append(("sft_dpo", f"SFT{a.sft_steps}→DPO β={a.beta:g}", a.beta, a.lr, a.steps))
     if a.rejected == "model":                            # SPIN 式：rejected = 基座模型自己的回答
         enc = show_self_rejected(base, tok, enc, a, max(p[4] for p in plan))
     ref_train = ReferenceLogprobs(enc)
     for n, (key, label, beta, lr, steps) in enumerate(plan, 4):
-        what = "只在 chosen 上做 SFT（基线）" if beta is None else f"DPO，β={beta:g}"
+        what = ("只在 chosen 上做 SFT（基线）" if beta is None else f"DPO，β={beta:g}" if key != "sft_dpo" else
+                f"先 SFT {a.sft_steps} 步，再以 SFT 后的模型为参考做 {steps - a.sft_steps} 步 DPO（β={beta:g}）")
         print(f"\n== {n}. 训练 {label}：{what}，{steps} 步 × {a.batch_size} 对，lr {lr:g}，LoRA r={a.rank} ==")
         model = fresh_policy(base, a)
         objective = sft_objective if beta is None else dpo_objective(ref_train, beta, a.nll_weight)
-        tr = train(model, enc, objective, a, label, lr, steps, out / f"adapter_{key}.safetensors")
+        path = out / f"adapter_{key}.safetensors"
+        tr = (sft_then_dpo(model, enc, a, label, beta, lr, steps, path) if key == "sft_dpo" else
+              train(model, enc, objective, a, label, lr, steps, path))
         runs[key] = {**evaluate(model, tok, held_enc, ref_held, gen_prompts, a, label, a.beta if beta is None else beta),
                      "train": tr, "beta": beta, "lr": lr, "label": label}
         del model
@@ -492,7 +526,7 @@ def report(runs: dict, gen_rows, a, out: Path, seconds: float) -> None:
     print("\n并排对比（留出问题，贪心解码）：")
     for i in range(min(3, len(gen_rows))):
         print(f"  问题：{gen_rows[i]['prompt']}")
-        for key in ("base", "sft", "dpo"):
+        for key in [k for k in ("base", "sft", "dpo", "sft_dpo") if k in runs]:
             g = runs[key]["generation"]
             print(f"    {runs[key].get('label', '基座'):<16}[{g['reasons'][i]}] {g['outputs'][i]!r}")
 
@@ -506,6 +540,12 @@ def report(runs: dict, gen_rows, a, out: Path, seconds: float) -> None:
     print(f"目标 2（同样步数下 DPO 胜过只学 chosen 的 SFT）：SFT {sft_p:.1%} vs DPO {dpo_p:.1%}，"
           f"{'DPO 更好' if goal['beats_sft'] else ('打平' if dpo_p == sft_p else 'SFT 更好')}"
           f"{'' if equal_steps else '（注意：两者的实际步数不同，见上面的时间预算提示）'}。")
+    if "sft_dpo" in runs:
+        p2 = runs["sft_dpo"]["generation"]["pass_rate"]
+        goal.update(sft_dpo_minus_sft_points=100 * (p2 - sft_p), sft_dpo_beats_sft=p2 > sft_p)
+        print(f"标准流程 {runs['sft_dpo']['label']}（共 {runs['sft_dpo']['train']['steps']} 步，和 SFT 一样多）：{p2:.1%}，"
+              f"比 SFT {'高' if p2 > sft_p else '低' if p2 < sft_p else '持平'} {100 * abs(p2 - sft_p):.1f} 个百分点。"
+              f"（表里它的奖励准确率、margin、KL 和其他运行一样，都相对基座模型；它训练时的参考模型是 SFT 后的模型。）")
     if "dpo_beta_alt" in runs:
         b, c = runs["dpo"], runs["dpo_beta_alt"]
         closer = "更小" if c["kl_per_token"] < b["kl_per_token"] else "更大"
@@ -538,8 +578,8 @@ def plot_training(runs: dict, path: Path) -> Path:
             continue
         h = r["train"]["history"]
         ax[0].plot(range(1, len(h["loss"]) + 1), h["loss"], label=key)
-        if h["margin"]:
-            ax[1].plot(range(1, len(h["margin"]) + 1), h["margin"], label=key)
+        if h["margin"]:                                  # SFT→DPO：margin 从 DPO 阶段开始才有
+            ax[1].plot(range(len(h["loss"]) - len(h["margin"]) + 1, len(h["loss"]) + 1), h["margin"], label=key)
     ax[0].set(xlabel="step", ylabel="training loss", title="loss (SFT: NLL on chosen; DPO: -log sigmoid(margin))")
     ax[1].set(xlabel="step", ylabel="batch mean margin", title="DPO implicit reward margin")
     for x in ax:

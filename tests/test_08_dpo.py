@@ -181,6 +181,63 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     assert after["reward_accuracy"] >= 0.75 and after["mean_margin"] > 0 and after["kl_per_token"] > 0
 
 
+def test_sft_then_dpo_uses_the_sft_policy_as_reference(tmp_path):
+    """--sft-steps K: K SFT steps, then DPO whose reference is the policy at the end of SFT. The reference table
+    must hold the SFT policy's log-probs (adapter on, not the base's), be filled before DPO starts, and so the
+    first DPO step sees margins of exactly 0 and a loss of log 2; the DPO phase continues the batch order at step K."""
+    g = torch.Generator().manual_seed(4)
+    enc = [_pair(g) for _ in range(12)]
+    base = tiny_model()
+    model = with_lora(base)
+    a = argparse.Namespace(batch_size=2, seed=0, rank=4, time_budget=10.0, sft_steps=2, nll_weight=0.0)
+    seen, first_dpo = [], {}
+    real_train, real_obj = L8.train, L8.dpo_objective
+
+    def spy_objective(ref, beta, w):
+        inner = real_obj(ref, beta, w)
+
+        def objective(m, e, idx):
+            loss, stats = inner(m, e, idx)
+            first_dpo.setdefault("loss", loss.item())
+            first_dpo.setdefault("ref", ref)
+            return loss, stats
+        return objective
+
+    def spy_train(m, e, objective, a_, label, lr, steps, path, first=0):
+        seen.append((first, steps))
+        if objective is L8.sft_objective:
+            out = real_train(m, e, objective, a_, label, lr, steps, path, first)
+            p = [x[0] for x in e]
+            with torch.no_grad():
+                first_dpo["sft_c"] = L8.sequence_logprobs(m, p, [x[1] for x in e])
+            return out
+        return real_train(m, e, objective, a_, label, lr, steps, path, first)
+
+    L8.train, L8.dpo_objective = spy_train, spy_objective
+    try:
+        tr = L8.sft_then_dpo(model, enc, a, "t", 0.5, 1e-2, 5, tmp_path / "adapter.safetensors")
+    finally:
+        L8.train, L8.dpo_objective = real_train, real_obj
+    assert seen == [(0, 2), (2, 3)] and tr["steps"] == 5 and tr["phase_steps"] == [2, 3]
+    assert first_dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)      # policy == reference at DPO step 0
+    ref = first_dpo["ref"]
+    used = L8.batch_order(12, 5, 2, 0)[4:10]
+    assert set(ref.table) == set(used)
+    with torch.no_grad():
+        base_c = L8.sequence_logprobs(base, [x[0] for x in enc], [x[1] for x in enc])
+    for i in used:       # the reference is the SFT policy (adapter on), not the base
+        assert ref.table[i][0] == pytest.approx(first_dpo["sft_c"][i].item(), abs=1e-4)
+        assert ref.table[i][0] != pytest.approx(base_c[i].item(), abs=1e-4)
+    with pytest.raises(RuntimeError):    # a reference that would be computed from the moving policy is refused
+        ref.get(model, [next(i for i in range(12) if i not in ref.table)])
+
+
+def test_sft_steps_must_leave_a_dpo_step(capsys):
+    with pytest.raises(SystemExit) as e:
+        L8.parse_args(["--steps", "10", "--sft-steps", "10"])
+    assert e.value.code != 0 and "--sft-steps" in capsys.readouterr().err
+
+
 def test_self_rejected_replaces_only_the_used_rejected_answers_with_the_base_models_greedy_answer():
     """--rejected model: for every pair training will use, rejected = what the base model writes greedily
     for that prompt (checked against common.generate.generate, one prompt at a time, no cache: an
