@@ -156,24 +156,29 @@ class ReferenceLogprobs:
         self.encoded, self.table, self.adapter_on = encoded, {}, adapter_on
 
     def fill(self, model, idx: list[int], bs: int = 8) -> None:
-        for i in range(0, len(idx), bs):
-            self.get(model, idx[i:i + bs], _filling=True)
+        todo = [i for i in dict.fromkeys(idx) if i not in self.table]
+        for i in range(0, len(todo), bs):
+            self._compute(model, todo[i:i + bs])
 
     @torch.no_grad()
-    def get(self, model, idx: list[int], _filling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         todo = [i for i in dict.fromkeys(idx) if i not in self.table]
-        if todo and self.adapter_on and not _filling:
+        if todo and self.adapter_on:
             raise RuntimeError("SFT→DPO 的参考表必须在 DPO 开始前用 fill() 填好")
         if todo:
-            with (contextlib.nullcontext() if self.adapter_on else adapters_disabled(model)):
-                p = [self.encoded[i][0] for i in todo]
-                c = sequence_logprobs(model, p, [self.encoded[i][1] for i in todo])
-                r = sequence_logprobs(model, p, [self.encoded[i][2] for i in todo])
-            for k, i in enumerate(todo):
-                self.table[i] = (c[k].item(), r[k].item())
+            self._compute(model, todo)
         dev = model.device
         return (torch.tensor([self.table[i][0] for i in idx], device=dev),
                 torch.tensor([self.table[i][1] for i in idx], device=dev))
+
+    @torch.no_grad()
+    def _compute(self, model, todo: list[int]) -> None:
+        with (contextlib.nullcontext() if self.adapter_on else adapters_disabled(model)):
+            p = [self.encoded[i][0] for i in todo]
+            c = sequence_logprobs(model, p, [self.encoded[i][1] for i in todo])
+            r = sequence_logprobs(model, p, [self.encoded[i][2] for i in todo])
+        for k, i in enumerate(todo):
+            self.table[i] = (c[k].item(), r[k].item())
 
 
 # ---------------------------------------------------------------------------
