@@ -866,7 +866,7 @@ def one_client(base_url: str, key: str, model: str, plan: list[tuple[str, int]])
                 text += ch.choices[0].delta.content
             usage = ch.usage or usage
         out.append({"want": n, "tokens": usage.completion_tokens, "ttft": times[0] - t0, "text": text,
-                    "gaps": [b - a for a, b in zip(times, times[1:])]})
+                    "gaps": [b - a for a, b in zip(times, times[1:])], "times": times})
     return out
 
 
@@ -885,14 +885,22 @@ def load_round(run: Running, key: str, n_clients: int, per_client: int, max_toke
              for _ in range(n_clients)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
-        records = [r for rs in pool.map(lambda p: one_client(run.base_url, key, run.srv.model_id, p), plans) for r in rs]
+        per = list(pool.map(lambda p: one_client(run.base_url, key, run.srv.model_id, p), plans))
     seconds = time.perf_counter() - t0
+    records = [r for rs in per for r in rs]
+    # 稳态吞吐：只算"所有客户端都还在"的那段时间（到第一个客户端收完为止），不含最后的收尾阶段
+    full_until = min(rs[-1]["times"][-1] for rs in per)
+    window = 0.0
+    for r in records:                          # 每个请求按"收到的片段有几成在窗口内"折算 token 数
+        times = r.pop("times")
+        window += r["tokens"] * sum(t <= full_until for t in times) / len(times)
     check(all(r["tokens"] == r["want"] for r in records), "有请求生成的 token 数不等于 max_tokens（ignore_eos）")
     gaps = [g for r in records for g in r["gaps"]]
     ttft = [r["ttft"] for r in records]
     tokens = sum(r["tokens"] for r in records)
     return {"clients": n_clients, "requests": len(records), "tokens": tokens, "seconds": round(seconds, 3),
-            "tok_s": tokens / seconds, "ttft_p50_ms": percentile(ttft, 50) * 1000,
+            "tok_s": tokens / seconds, "steady_tok_s": window / (full_until - t0),
+            "ttft_p50_ms": percentile(ttft, 50) * 1000,
             "ttft_p95_ms": percentile(ttft, 95) * 1000, "tpot_p50_ms": percentile(gaps, 50) * 1000,
             "tpot_p95_ms": percentile(gaps, 95) * 1000, "texts": [r["text"] for r in records]}
 
@@ -938,6 +946,10 @@ def report(load: dict, weight_mb: float | None) -> dict:
     top = max(speedup)
     print(f"\n{top} 个并发客户端时，连续批处理的总吞吐是一次一个的 {speedup[top]:.2f} 倍"
           f"（{bat[-1]['tok_s']:.1f} vs {one[-1]['tok_s']:.1f} tokens/s）。")
+    steady = {b["clients"]: b["steady_tok_s"] / a["steady_tok_s"] for a, b in zip(one, bat)}
+    print(f"  只算 {top} 个客户端都在线的那段时间（去掉最后几个请求收尾、批变小的阶段）：{steady[top]:.2f} 倍"
+          f"（{bat[-1]['steady_tok_s']:.1f} vs {one[-1]['steady_tok_s']:.1f} tokens/s）。"
+          f"每个客户端发的请求越多，收尾占比越小，两个数越接近。")
     steps = load["step_ms"]
     if 1 in steps and len(steps) > 1:
         big = max(steps)
@@ -968,7 +980,7 @@ def report(load: dict, weight_mb: float | None) -> dict:
     print(f"两种模式下同一请求的贪心输出逐字相同：{load['same_text']}/{load['compared']}"
           + ("。" if load["same_text"] == load["compared"] else
              "（不同的那几个：批量计算的浮点舍入和单独算有 1e-5 级差别，两个 token 分数几乎相等时会选得不同）。"))
-    return {"speedup": speedup, "flattens_at": flat}
+    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat}
 
 
 def plot(load: dict, path) -> None:

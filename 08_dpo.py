@@ -63,18 +63,20 @@ NEUTRAL_TEXT = (
 # 1. 偏好：一个程序就能检查的"奖励"（只用来评估，训练时模型看不到它）
 # ---------------------------------------------------------------------------
 def check_answer(text: str) -> tuple[bool, str]:
-    """通过 = 不超过 MAX_WORDS 个词，并且以一个（且只有一个）不超过 MAX_QUESTION_WORDS 词的问句结尾。"""
+    """通过 = 不超过 MAX_WORDS 个词：先回答（至少一句），再以一个（且只有一个）不超过 MAX_QUESTION_WORDS 词的问句结尾。"""
     t = text.strip()
     n = len(t.split())
     if n == 0:
         return False, "空回答"
     if n > MAX_WORDS:
         return False, "太长"
-    last = re.split(r"(?<=[.!?])\s+", t)[-1]
+    sentences = re.split(r"(?<=[.!?])\s+", t)
     if not t.endswith("?") or t.count("?") != 1:
         return False, "没有以一个追问结尾"
-    if len(last.split()) > MAX_QUESTION_WORDS:
+    if len(sentences[-1].split()) > MAX_QUESTION_WORDS:
         return False, "追问太长"
+    if len(sentences) < 2:                  # 只问一句（"How do you do?"）不算回答：见 docs/08_dpo.md 第 4 节
+        return False, "只有追问，没有回答"
     return True, "通过"
 
 

@@ -11,6 +11,11 @@ for both modes). The goal in the issue: at 8 clients, batching >= 5x one-at-a-ti
     flock /tmp/llm-timing.lock python benchmarks/serve_load.py                  # 1,2,4,8,16 clients
     python benchmarks/serve_load.py --clients 1,8 --requests-per-client 2 --load-tokens 32 --threads 2
 
+Each client sends --requests-per-client requests one after another (default 8 here; the lesson's demo
+uses fewer). At the end of a round the last clients finish alone and the batch shrinks, so the report
+gives two figures: over the whole round, and over the steady part while every client is still
+connected (until the first client has received its last token).
+
 Uses the lesson's own code (06_serve.py: Server, Running, load_test, report, plot), so it measures
 what the lesson teaches. Results: outputs/benchmarks/serve_load.json and serve_load.png, with the
 load average before and after (the machine may be shared: compare only ratios from one run).
@@ -48,7 +53,7 @@ def main() -> int:
     args.out_dir = args.out_dir if "--out-dir" in sys.argv else output_root() / "benchmarks"
     args.torch_device = setup_run(args)
     clients = args.clients or [1, 2, 4, 8, 16]
-    per_client, load_tokens = args.requests_per_client or 2, args.load_tokens or 32
+    per_client, load_tokens = args.requests_per_client or 8, args.load_tokens or 32
     load_before = os.getloadavg()
     lm = load_local_model(dtype=args.dtype, device=args.torch_device)
     key = "sk-bench-" + secrets.token_urlsafe(16)
@@ -64,10 +69,11 @@ def main() -> int:
     weight_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
     findings = lesson.report(load, weight_mb)
     load_after = os.getloadavg()
-    at8 = findings["speedup"].get(8)
+    at8, steady8 = findings["speedup"].get(8), findings["speedup_steady"].get(8)
     if at8 is not None:
-        print(f"\ngoal: at 8 clients batching >= 5x one-at-a-time -> measured {at8:.2f}x "
-              f"({'met' if at8 >= 5 else 'NOT met'}); TTFT p95 at 8 clients: "
+        print(f"\ngoal: at 8 clients batching >= 5x one-at-a-time -> measured {at8:.2f}x over the whole round "
+              f"({'met' if at8 >= 5 else 'NOT met'}), {steady8:.2f}x while all 8 clients were connected "
+              f"({'met' if steady8 >= 5 else 'NOT met'}); TTFT p95 at 8 clients: "
               f"{next(r['ttft_p95_ms'] for r in load['batching'] if r['clients'] == 8):.0f} ms batching vs "
               f"{next(r['ttft_p95_ms'] for r in load['one_at_a_time'] if r['clients'] == 8):.0f} ms one at a time")
     print(f"load average after: {load_after} (the machine may be shared with other work)")
@@ -75,7 +81,8 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "serve_load.json"
     out.write_text(json.dumps({
-        "load": load, **findings, "speedup_at_8": at8, "loadavg_before": load_before, "loadavg_after": load_after,
+        "load": load, **findings, "speedup_at_8": at8, "speedup_steady_at_8": steady8,
+        "loadavg_before": load_before, "loadavg_after": load_after,
         "settings": {"clients": clients, "requests_per_client": per_client, "load_tokens": load_tokens,
                      "dtype": args.dtype, "threads": torch.get_num_threads(), "max_batch": args.max_batch},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

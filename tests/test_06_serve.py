@@ -381,6 +381,13 @@ def test_demo_quick_runs(lesson_runs):
     assert res["tour"]["status"] == {"401": 401, "429": 429} and res["tour"]["session_messages"] == 4
     assert [r["clients"] for r in res["load"]["batching"]] == [1, 4]
     assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in res["load"]["one_at_a_time"] + res["load"]["batching"])
+    # Steady-state figure: with one client the window is the whole stream, so it can only be >= the
+    # whole-round figure (which also counts the time after the last token); it is reported for every N.
+    for row in res["load"]["one_at_a_time"] + res["load"]["batching"]:
+        assert row["steady_tok_s"] > 0
+        if row["clients"] == 1:
+            assert row["steady_tok_s"] >= row["tok_s"]
+    assert set(res["speedup_steady"]) == set(res["speedup"])
     assert (run.out_root / "06_serve" / "serve_load.png").is_file()
     assert "sk-demo-" not in run.stdout + run.stderr
 

@@ -267,6 +267,8 @@ def test_self_rejected_replaces_only_the_used_rejected_answers_with_the_base_mod
     (" ".join(["word"] * 30) + " ok?", False),                                   # 31 words: too long
     ("Tip. " + " ".join(["really"] * 11) + "?", False),                          # question too long
     ("Why? Is it near a window?", False),                                        # two questions
+    ("How do you do?", False),                                                   # a question but no answer
+    ("How do you do it?", False),                                                # (what DPO learned to game)
     ("", False),
 ])
 def test_checker(text, ok):

@@ -4,8 +4,9 @@
 
 Format: ``[{"prompt", "chosen", "rejected", "kind"}, ...]`` (the usual DPO layout, as in TRL or
 LlamaFactory's preference data). The preference is one a program can check (see CHECKER below and
-``check_answer`` in 08_dpo.py): the chosen answer is concise (at most MAX_WORDS words) and ends
-with one short follow-up question; the rejected answer breaks at least one of the two rules:
+``check_answer`` in 08_dpo.py): the chosen answer is concise (at most MAX_WORDS words), and after
+at least one answer sentence it ends with one short follow-up question; the rejected answer breaks
+at least one of the rules:
   * "ramble":      long answer, no question at the end
   * "long_question": long answer that does end with a question (length alone makes it bad)
   * "no_question": concise answer without a follow-up question (the question alone makes it good)
@@ -217,8 +218,9 @@ def make_pairs(topics, rng: random.Random) -> list[dict]:
 # The rule, duplicated here only to assert the data obeys it; 08_dpo.py's check_answer is the one the lesson uses.
 def CHECKER(text: str) -> bool:
     t = text.strip()
-    last = re.split(r"(?<=[.!?])\s+", t)[-1]
-    return words(t) <= MAX_WORDS and t.endswith("?") and words(last) <= MAX_QUESTION_WORDS and t.count("?") == 1
+    sentences = re.split(r"(?<=[.!?])\s+", t)
+    return (words(t) <= MAX_WORDS and t.endswith("?") and words(sentences[-1]) <= MAX_QUESTION_WORDS
+            and t.count("?") == 1 and len(sentences) >= 2)
 
 
 def main() -> None:
