@@ -135,6 +135,10 @@ class Engine:
         return len(self.waiting), sum(j is not None for j in self.slots)
 
     def start(self) -> "Engine":
+        # 引擎线程是唯一跑模型的线程。坑（本课实测）：torch 的 CPU 并行用 OpenMP，OpenMP 给每个调用线程
+        # 各建一组工作线程并一直留着；两组加起来多于 CPU 核数时，GNU OpenMP 不再"忙等"下一个任务而是睡眠、
+        # 每个并行算子都要等线程被唤醒——2 核上引擎线程的每一步慢约一倍（实测 int8 批大小 1：约 25 ms 变约 50 ms）。
+        # 所以模型在会退出的加载线程里加载，主线程不碰 torch 运算（--demo 和 benchmarks/serve_load.py 都如此）。
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
@@ -1006,16 +1010,15 @@ def demo(args) -> int:
     import os
     import secrets
 
-    from common.local_model import load_local_model
     from common.outputs import save_results
 
     clients = args.clients or ([1, 4] if args.quick else [1, 2, 4, 8, 16])
     per_client = args.requests_per_client or (1 if args.quick else 2)
     load_tokens = args.load_tokens or (8 if args.quick else 32)
-    lm = load_local_model(dtype=args.dtype, device=args.torch_device)
     key, user = "sk-demo-" + secrets.token_urlsafe(16), ("student", secrets.token_urlsafe(12))
     db = args.out_dir / "demo_sessions.sqlite3"
-    srv = make_server(args, lm, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30), session_db=db)
+    # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程会慢一倍）
+    srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30), session_db=db)
     print(f"[演示] 进程内启动服务器（认证开启：一个随机 API key 和用户 {user[0]}，都不打印）……")
     t0 = time.perf_counter()
     with Running(srv) as run:
@@ -1030,7 +1033,7 @@ def demo(args) -> int:
         if srv.engine.prefix:
             print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
                   f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
-    weight_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
+    weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
     findings = report(load, weight_mb)
     plot(load, args.out_dir / "serve_load.png")
     path = save_results(args.out_dir, {

@@ -44,7 +44,6 @@ def main() -> int:
     import torch
 
     from common.cli import setup_run
-    from common.local_model import load_local_model
     from common.outputs import output_root
 
     parser = lesson.build_parser()
@@ -55,9 +54,10 @@ def main() -> int:
     clients = args.clients or [1, 2, 4, 8, 16]
     per_client, load_tokens = args.requests_per_client or 8, args.load_tokens or 32
     load_before = os.getloadavg()
-    lm = load_local_model(dtype=args.dtype, device=args.torch_device)
     key = "sk-bench-" + secrets.token_urlsafe(16)
-    srv = lesson.make_server(args, lm, auth=lesson.Auth([key], {}, secrets.token_urlsafe(32), 30),
+    # The server's own loader thread loads the model: this thread must never run a torch op (see the
+    # note at Engine.start in 06_serve.py: a second OpenMP team halves the engine thread's speed).
+    srv = lesson.make_server(args, auth=lesson.Auth([key], {}, secrets.token_urlsafe(32), 30),
                              session_db=args.out_dir / "serve_load_sessions.sqlite3", rate_limit_rpm=0)
     t0 = time.perf_counter()
     print(f"load average before: {load_before}; threads {torch.get_num_threads()}; dtype {args.dtype}; "
@@ -66,7 +66,7 @@ def main() -> int:
         load = lesson.load_test(run, key, clients, per_client, load_tokens, args.seed)
         load["prefix_cached_tokens"] = srv.engine.prefix_hits
         load["prompt_tokens"] = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
-    weight_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
+    weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
     findings = lesson.report(load, weight_mb)
     load_after = os.getloadavg()
     at8, steady8 = findings["speedup"].get(8), findings["speedup_steady"].get(8)
