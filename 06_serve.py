@@ -88,6 +88,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.metrics = metrics
         self.step_stats: dict[int, list] = collections.defaultdict(lambda: [0, 0.0])  # 批大小 -> [步数, 秒]
+        self.prefill_stats = [0, 0.0]              # 含预填充的步：[步数, 秒]
         self.prefix: tuple | None = None           # 前缀缓存：(token ids, 每层的 K, 每层的 V)
         self.prefix_hits = 0                       # 有多少个提示词 token 靠前缀缓存省掉了预填充
 
@@ -229,10 +230,9 @@ class Engine:
             tok = greedy[r] if job.temperature == 0 else sample_next_token(
                 logits[r], job.temperature, 0, job.top_p, generator=job.gen)
             self._emit(job, tok)
-        if T == 1:                                                         # 只统计纯解码步
-            stat = self.step_stats[sum(f != [] for f in feeds)]
-            stat[0] += 1
-            stat[1] += time.perf_counter() - t0
+        stat = self.step_stats[sum(f != [] for f in feeds)] if T == 1 else self.prefill_stats  # 纯解码步按批大小分
+        stat[0] += 1
+        stat[1] += time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.step.observe(time.perf_counter() - t0)
         self._gauges()
@@ -916,16 +916,21 @@ def load_test(run: Running, key: str, clients: list[int], per_client: int, max_t
     engine, rows = run.srv.engine, run.srv.engine.cache.batch
     one_client(run.base_url, key, run.srv.model_id, [(PROMPTS[0], 2)])                 # 预热
     out = {"one_at_a_time": [], "batching": []}
-    steps = {}
+    steps, alone = {}, {"decode": [0, 0.0], "prefill": [0, 0.0]}      # 后者：一次一个时的解码步 / 预填充步
     for n in tqdm(clients, desc="压测（并发客户端数）", unit="轮"):
         for mode, limit in (("one_at_a_time", 1), ("batching", rows)):
             engine.limit = limit
             engine.step_stats.clear()
+            engine.prefill_stats = [0, 0.0]
             out[mode].append(load_round(run, key, n, per_client, max_tokens, seed))
             if mode == "batching":
                 for b, (count, secs) in engine.step_stats.items():
                     old = steps.get(b, (0, 0.0))
                     steps[b] = (old[0] + count, old[1] + secs)
+            else:
+                for kind, (count, secs) in (("decode", engine.step_stats.get(1, (0, 0.0))),
+                                            ("prefill", engine.prefill_stats)):
+                    alone[kind] = [alone[kind][0] + count, alone[kind][1] + secs]
     engine.limit = rows
     same = sum(a == b for x, y in zip(out["one_at_a_time"], out["batching"]) for a, b in zip(x["texts"], y["texts"]))
     total = sum(len(x["texts"]) for x in out["batching"])
@@ -933,11 +938,12 @@ def load_test(run: Running, key: str, clients: list[int], per_client: int, max_t
         for row in mode:
             row.pop("texts")
     out["step_ms"] = {b: 1000 * s / c for b, (c, s) in sorted(steps.items())}
+    out["alone_ms"] = {k: 1000 * s / c for k, (c, s) in alone.items() if c}
     out["same_text"], out["compared"] = same, total
     return out
 
 
-def report(load: dict, weight_mb: float | None) -> dict:
+def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
     """打印表格，并用本次实测的数字解释结果。返回要写进 results.json 的结论。"""
     one, bat = load["one_at_a_time"], load["batching"]
     print(f"\n{'并发':>4} | {'一次一个 tok/s':>14} {'TTFT p50/p95 ms':>17} | {'连续批处理 tok/s':>16} "
@@ -964,6 +970,13 @@ def report(load: dict, weight_mb: float | None) -> dict:
         if weight_mb:
             print(f"  （批大小 1 时一步读约 {weight_mb:.0f} MB 权重，相当于 {weight_mb / steps[1]:.1f} GB/s："
                   f"这一步是'读内存受限'，计算单元大多在等数据；多放几行进来，读一次权重就能多算几个 token。）")
+    ceil = ceiling(load, 8 if 8 in speedup else top)
+    if ceil:
+        c, b, n, P, d1, db, bound = ceil
+        print(f"上限（用本次测到的数估算，{c} 个客户端）：一次一个时每个请求 = 一次预填充 {P:.0f} ms + {n - 1:.1f} 个解码步 × "
+              f"{d1:.0f} ms。连续批处理能把解码步分给 {b} 行（批大小 {b} 一步 {db:.0f} ms），但预填充是算力受限的，"
+              f"批处理一点也省不了。所以就算每一步都坐满 {b} 行，倍数最多约 {bound:.2f}（实测 {speedup[c]:.2f}）；"
+              f"回答越长，预填充的占比越小，上限越接近纯解码的 {b * d1 / db:.1f} 倍。")
     gains = [b["tok_s"] / a["tok_s"] for a, b in zip(bat, bat[1:])]
     i = next((i for i in range(1, len(bat)) if all(g < 1.25 for g in gains[i - 1:])), None)  # 此后每步都 < 1.25 倍
     flat = bat[i]["clients"] if i else None
@@ -981,10 +994,24 @@ def report(load: dict, weight_mb: float | None) -> dict:
     print(f"一次一个时，{c['clients']} 个客户端的 TTFT p95 是 {c['ttft_p95_ms'] / 1000:.1f} 秒（排队等前面的人走完），"
           f"连续批处理是 {b['ttft_p95_ms'] / 1000:.1f} 秒"
           + ("：新请求下一步就能加入。" if b["ttft_p95_ms"] < c["ttft_p95_ms"] else "：这次并没有更短（机器太忙？）。"))
+    why = ("int8 的激活量化按整个批算缩放系数，同一个请求和谁同批，舍入就不同；所以'批处理 == 单独算'只在 fp32 上检查"
+           if dtype == "int8" else "批量计算的浮点舍入和单独算有 1e-5 级差别，两个 token 分数几乎相等时会选得不同")
     print(f"两种模式下同一请求的贪心输出逐字相同：{load['same_text']}/{load['compared']}"
-          + ("。" if load["same_text"] == load["compared"] else
-             "（不同的那几个：批量计算的浮点舍入和单独算有 1e-5 级差别，两个 token 分数几乎相等时会选得不同）。"))
-    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat}
+          + ("。" if load["same_text"] == load["compared"] else f"（不同的那几个：{why}）。"))
+    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat,
+            "ceiling": dict(zip(("clients", "rows", "tokens_per_request", "prefill_ms", "decode1_ms", "decode_rows_ms",
+                                 "max_speedup"), ceil)) if ceil else None}
+
+
+def ceiling(load: dict, clients: int):
+    """不管调度多好，c 个客户端时倍数的上限：预填充省不了，解码步最多分给 min(c, 行数) 行。"""
+    alone, steps = load.get("alone_ms", {}), load["step_ms"]
+    row = next((r for r in load["batching"] if r["clients"] == clients), None)
+    b = min(clients, max(steps, default=0))
+    if row is None or "decode" not in alone or "prefill" not in alone or b not in steps:
+        return None
+    n, P, d1, db = row["tokens"] / row["requests"], alone["prefill"], alone["decode"], steps[b]
+    return clients, b, n, P, d1, db, (P + (n - 1) * d1) / (P + (n - 1) * db / b)
 
 
 def plot(load: dict, path) -> None:
@@ -1034,7 +1061,7 @@ def demo(args) -> int:
             print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
                   f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
     weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
-    findings = report(load, weight_mb)
+    findings = report(load, weight_mb, args.dtype)
     plot(load, args.out_dir / "serve_load.png")
     path = save_results(args.out_dir, {
         "tour": facts, "load": load, **findings, "settings": {

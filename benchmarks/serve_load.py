@@ -67,7 +67,7 @@ def main() -> int:
         load["prefix_cached_tokens"] = srv.engine.prefix_hits
         load["prompt_tokens"] = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
     weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
-    findings = lesson.report(load, weight_mb)
+    findings = lesson.report(load, weight_mb, args.dtype)
     load_after = os.getloadavg()
     at8, steady8 = findings["speedup"].get(8), findings["speedup_steady"].get(8)
     if at8 is not None:
