@@ -974,8 +974,9 @@ def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
     if ceil:
         c, b, n, P, d1, db, bound = ceil
         print(f"上限（用本次测到的数估算，{c} 个客户端）：一次一个时每个请求 = 一次预填充 {P:.0f} ms + {n - 1:.1f} 个解码步 × "
-              f"{d1:.0f} ms。连续批处理能把解码步分给 {b} 行（批大小 {b} 一步 {db:.0f} ms），但预填充是算力受限的，"
-              f"批处理一点也省不了。所以就算每一步都坐满 {b} 行，倍数最多约 {bound:.2f}（实测 {speedup[c]:.2f}）；"
+              f"{d1:.0f} ms。连续批处理能把解码步分给 {b} 行（批大小 {b} 一步 {db:.0f} ms），但预填充主要是算力，"
+              f"批处理省不了多少。假设一点也省不了，就算每一步都坐满 {b} 行，倍数也只有约 {bound:.2f}（实测 {speedup[c]:.2f}；"
+              f"预填充和解码挤在同一步时能共用一次读权重，所以实测可以略高于它）；"
               f"回答越长，预填充的占比越小，上限越接近纯解码的 {b * d1 / db:.1f} 倍。")
     gains = [b["tok_s"] / a["tok_s"] for a, b in zip(bat, bat[1:])]
     i = next((i for i in range(1, len(bat)) if all(g < 1.25 for g in gains[i - 1:])), None)  # 此后每步都 < 1.25 倍
@@ -1004,7 +1005,7 @@ def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
 
 
 def ceiling(load: dict, clients: int):
-    """不管调度多好，c 个客户端时倍数的上限：预填充省不了，解码步最多分给 min(c, 行数) 行。"""
+    """c 个客户端时倍数的估算上限：假设预填充的时间批处理一点也省不了，解码步最多分给 min(c, 行数) 行。"""
     alone, steps = load.get("alone_ms", {}), load["step_ms"]
     row = next((r for r in load["batching"] if r["clients"] == clients), None)
     b = min(clients, max(steps, default=0))

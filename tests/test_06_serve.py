@@ -461,3 +461,17 @@ def test_checkpoint_without_export_gives_one_clear_line(tiny_checkpoint, tmp_pat
                           "--out-dir", str(tmp_path)], cwd=Path(serve.__file__).parent, env=script_env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "model.pt2" in out.stderr + out.stdout and "Traceback" not in out.stderr
+
+
+def test_report_ceiling_is_between_one_and_the_pure_decode_ratio():
+    """The lesson's ceiling: prefill cannot be batched away, so the bound lies between 1x and the
+    pure-decode ratio b*d1/db, reaches that ratio when prefill is free, and falls as prefill grows."""
+    def load(prefill_ms):
+        return {"alone_ms": {"decode": 25.0, "prefill": prefill_ms}, "step_ms": {1: 24.0, 8: 40.0},
+                "batching": [{"clients": 8, "tokens": 8 * 25, "requests": 8}]}
+
+    pure = 8 * 25.0 / 40.0
+    bounds = [serve.ceiling(load(p), 8)[-1] for p in (0.0, 40.0, 400.0)]
+    assert bounds[0] == pytest.approx(pure)
+    assert pure > bounds[1] > bounds[2] > 1.0
+    assert serve.ceiling(load(40.0), 4) is None          # no batching row for 4 clients, no bound
