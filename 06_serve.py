@@ -138,7 +138,8 @@ class Engine:
     def start(self) -> "Engine":
         # 引擎线程是唯一跑模型的线程。坑（本课实测）：torch 的 CPU 并行用 OpenMP，OpenMP 给每个调用线程
         # 各建一组工作线程并一直留着；两组加起来多于 CPU 核数时，GNU OpenMP 不再"忙等"下一个任务而是睡眠、
-        # 每个并行算子都要等线程被唤醒——2 核上引擎线程的每一步慢约一倍（实测 int8 批大小 1：约 25 ms 变约 50 ms）。
+        # 每个并行算子都要等线程被唤醒——2 核上 int8 解码一步慢 1.7～1.9 倍（benchmarks/omp_threads.py：
+        # 批大小 1 从 19 ms 到 32 ms，批大小 8 从 27 ms 到 51 ms；fp32 慢 1.05～1.23 倍）。
         # 所以模型在会退出的加载线程里加载，主线程不碰 torch 运算（--demo 和 benchmarks/serve_load.py 都如此）。
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -916,7 +917,11 @@ def load_test(run: Running, key: str, clients: list[int], per_client: int, max_t
     engine, rows = run.srv.engine, run.srv.engine.cache.batch
     one_client(run.base_url, key, run.srv.model_id, [(PROMPTS[0], 2)])                 # 预热
     out = {"one_at_a_time": [], "batching": []}
-    steps, alone = {}, {"decode": [0, 0.0], "prefill": [0, 0.0]}      # 后者：一次一个时的解码步 / 预填充步
+    steps, alone = {}, {}                   # 连续批处理时按批大小的解码步；一次一个时的解码步 / 预填充步
+
+    def add(acc: dict, key, count_secs) -> None:
+        count, secs = acc.get(key, (0, 0.0))
+        acc[key] = (count + count_secs[0], secs + count_secs[1])
     for n in tqdm(clients, desc="压测（并发客户端数）", unit="轮"):
         for mode, limit in (("one_at_a_time", 1), ("batching", rows)):
             engine.limit = limit
@@ -924,13 +929,11 @@ def load_test(run: Running, key: str, clients: list[int], per_client: int, max_t
             engine.prefill_stats = [0, 0.0]
             out[mode].append(load_round(run, key, n, per_client, max_tokens, seed))
             if mode == "batching":
-                for b, (count, secs) in engine.step_stats.items():
-                    old = steps.get(b, (0, 0.0))
-                    steps[b] = (old[0] + count, old[1] + secs)
+                for b, count_secs in engine.step_stats.items():
+                    add(steps, b, count_secs)
             else:
-                for kind, (count, secs) in (("decode", engine.step_stats.get(1, (0, 0.0))),
-                                            ("prefill", engine.prefill_stats)):
-                    alone[kind] = [alone[kind][0] + count, alone[kind][1] + secs]
+                add(alone, "decode", engine.step_stats.get(1, (0, 0.0)))
+                add(alone, "prefill", engine.prefill_stats)
     engine.limit = rows
     same = sum(a == b for x, y in zip(out["one_at_a_time"], out["batching"]) for a, b in zip(x["texts"], y["texts"]))
     total = sum(len(x["texts"]) for x in out["batching"])
@@ -972,12 +975,13 @@ def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
                   f"这一步是'读内存受限'，计算单元大多在等数据；多放几行进来，读一次权重就能多算几个 token。）")
     ceil = ceiling(load, 8 if 8 in speedup else top)
     if ceil:
-        c, b, n, P, d1, db, bound = ceil
-        print(f"上限（用本次测到的数估算，{c} 个客户端）：一次一个时每个请求 = 一次预填充 {P:.0f} ms + {n - 1:.1f} 个解码步 × "
-              f"{d1:.0f} ms。连续批处理能把解码步分给 {b} 行（批大小 {b} 一步 {db:.0f} ms），但预填充主要是算力，"
-              f"批处理省不了多少。假设一点也省不了，就算每一步都坐满 {b} 行，倍数也只有约 {bound:.2f}（实测 {speedup[c]:.2f}；"
-              f"预填充和解码挤在同一步时能共用一次读权重，所以实测可以略高于它）；"
-              f"回答越长，预填充的占比越小，上限越接近纯解码的 {b * d1 / db:.1f} 倍。")
+        rows = ceil["rows"]
+        print(f"上限（用本次测到的数估算，{ceil['clients']} 个客户端）：一次一个时每个请求 = 一次预填充 "
+              f"{ceil['prefill_ms']:.0f} ms + {ceil['tokens_per_request'] - 1:.1f} 个解码步 × {ceil['decode1_ms']:.0f} ms。"
+              f"连续批处理能把解码步分给 {rows} 行（批大小 {rows} 一步 {ceil['decode_rows_ms']:.0f} ms），但预填充主要是算力，"
+              f"批处理省不了多少。假设一点也省不了，就算每一步都坐满 {rows} 行，倍数也只有约 {ceil['max_speedup']:.2f}"
+              f"（实测 {speedup[ceil['clients']]:.2f}；预填充和解码挤在同一步时能共用一次读权重，所以实测可以略高于它）；"
+              f"回答越长，预填充的占比越小，上限越接近纯解码的 {ceil['pure_decode_speedup']:.1f} 倍。")
     gains = [b["tok_s"] / a["tok_s"] for a, b in zip(bat, bat[1:])]
     i = next((i for i in range(1, len(bat)) if all(g < 1.25 for g in gains[i - 1:])), None)  # 此后每步都 < 1.25 倍
     flat = bat[i]["clients"] if i else None
@@ -999,20 +1003,20 @@ def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
            if dtype == "int8" else "批量计算的浮点舍入和单独算有 1e-5 级差别，两个 token 分数几乎相等时会选得不同")
     print(f"两种模式下同一请求的贪心输出逐字相同：{load['same_text']}/{load['compared']}"
           + ("。" if load["same_text"] == load["compared"] else f"（不同的那几个：{why}）。"))
-    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat,
-            "ceiling": dict(zip(("clients", "rows", "tokens_per_request", "prefill_ms", "decode1_ms", "decode_rows_ms",
-                                 "max_speedup"), ceil)) if ceil else None}
+    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat, "ceiling": ceil}
 
 
-def ceiling(load: dict, clients: int):
-    """c 个客户端时倍数的估算上限：假设预填充的时间批处理一点也省不了，解码步最多分给 min(c, 行数) 行。"""
+def ceiling(load: dict, clients: int) -> dict | None:
+    """c 个客户端时倍数的估算上限：假设预填充的时间批处理一点也省不了，解码步最多分给 b = min(c, 测到的最大批) 行。"""
     alone, steps = load.get("alone_ms", {}), load["step_ms"]
     row = next((r for r in load["batching"] if r["clients"] == clients), None)
     b = min(clients, max(steps, default=0))
     if row is None or "decode" not in alone or "prefill" not in alone or b not in steps:
         return None
     n, P, d1, db = row["tokens"] / row["requests"], alone["prefill"], alone["decode"], steps[b]
-    return clients, b, n, P, d1, db, (P + (n - 1) * d1) / (P + (n - 1) * db / b)
+    return {"clients": clients, "rows": b, "tokens_per_request": n, "prefill_ms": P, "decode1_ms": d1,
+            "decode_rows_ms": db, "max_speedup": (P + (n - 1) * d1) / (P + (n - 1) * db / b),
+            "pure_decode_speedup": b * d1 / db}
 
 
 def plot(load: dict, path) -> None:
@@ -1045,7 +1049,7 @@ def demo(args) -> int:
     load_tokens = args.load_tokens or (8 if args.quick else 32)
     key, user = "sk-demo-" + secrets.token_urlsafe(16), ("student", secrets.token_urlsafe(12))
     db = args.out_dir / "demo_sessions.sqlite3"
-    # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程会慢一倍）
+    # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）
     srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30), session_db=db)
     print(f"[演示] 进程内启动服务器（认证开启：一个随机 API key 和用户 {user[0]}，都不打印）……")
     t0 = time.perf_counter()

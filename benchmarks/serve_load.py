@@ -56,7 +56,7 @@ def main() -> int:
     load_before = os.getloadavg()
     key = "sk-bench-" + secrets.token_urlsafe(16)
     # The server's own loader thread loads the model: this thread must never run a torch op (see the
-    # note at Engine.start in 06_serve.py: a second OpenMP team halves the engine thread's speed).
+    # note at Engine.start in 06_serve.py: a second OpenMP team makes int8 decode steps 1.7-1.9x slower).
     srv = lesson.make_server(args, auth=lesson.Auth([key], {}, secrets.token_urlsafe(32), 30),
                              session_db=args.out_dir / "serve_load_sessions.sqlite3", rate_limit_rpm=0)
     t0 = time.perf_counter()
