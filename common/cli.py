@@ -11,6 +11,8 @@ Shared flags (one name, one meaning, in every lesson that has them):
   --dtype --device --threads     how the local model runs (group "local"; --device/--threads alone: "device")
   --seed --quick --out-dir       every lesson
   --max-new-tokens               how many new tokens to generate (add_max_new_tokens)
+A lesson's own knobs are declared once, default, --quick value and help together:
+  add_knob(group, "--load-tokens", type=positive_int, default=32, quick=8, help="...")
 Each default is resolved here, flag > environment variable > built-in default:
   --backend  LLM_BACKEND (auto)     --dtype  LLM_COURSE_DTYPE (fp32)     --device  LLM_COURSE_DEVICE (auto)
   --local-model  LLM_LOCAL_MODEL (smollm2)
@@ -168,6 +170,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if hasattr(action, "knob"):                 # add_knob: the default and the --quick value
+            default, quick = (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in action.knob)
+            shown = [f"默认 {default}"] if default is not None else []
+            shown += [f"--quick 时 {quick}"] if quick is not None else []
+            return text + (f"（{'；'.join(shown)}）" if shown else "")
         default = action.default
         if default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool) \
                 and "默认" not in text and action.option_strings:
@@ -190,6 +197,10 @@ class CourseArgumentParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
+        for action in self._actions:                # add_knob: flag given > --quick value > default
+            if hasattr(action, "knob") and getattr(ns, action.dest) is None:
+                default, quick = action.knob
+                setattr(ns, action.dest, quick if getattr(ns, "quick", False) and quick is not None else default)
         try:
             return resolve_defaults(ns, self.lesson)
         except ValueError as e:           # a bad environment variable
@@ -231,6 +242,16 @@ def course_parser(lesson: str, description: str | None, groups=("local",), seed:
         d.add_argument("--threads", type=positive_int, default=None,
                        help="CPU 线程数（默认读 LLM_COURSE_THREADS，否则全部核心）")
     return p
+
+
+def add_knob(group, *flags, default, quick=None, **kw):
+    """Declare one of a lesson's knobs once: its default, its value under --quick, and its help text.
+
+    The flag parses to None when absent; CourseArgumentParser.parse_args then fills in `quick` (when the run
+    has --quick and quick is not None) or `default`. --help shows both. A value the user gives always wins."""
+    action = group.add_argument(*flags, default=None, **kw)
+    action.knob = (default, quick)
+    return action
 
 
 def add_max_new_tokens(parser, default, help_text: str = "最多生成多少个新 token") -> None:

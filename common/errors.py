@@ -12,6 +12,20 @@ class UserError(Exception):
     exit_code = 2
 
 
+class SelfCheckFailed(UserError):
+    """A lesson's self-check (an invariant such as cached == uncached) did not hold: a bug in the code,
+    not the user's input. Exit code 1, so scripts can tell it from a user mistake (exit 2)."""
+
+    exit_code = 1
+
+
+def require(ok: bool, message: str) -> None:
+    """The one self-check helper every lesson uses: `require(cached == uncached, "有缓存和无缓存的输出不同")`.
+    When ok is false it stops the lesson with one Chinese line "自检失败：<message>" and exit code 1."""
+    if not ok:
+        raise SelfCheckFailed(f"自检失败：{message}")
+
+
 def fail(message: str) -> None:
     """Raise a UserError (handy inside expressions / argparse type functions)."""
     raise UserError(message)
