@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), seeded."""
+"""从 logits 里选出下一个 token：贪心、温度（temperature）、top-k、top-p（nucleus），可用种子复现。"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ from common.errors import UserError
 
 
 def check_sampling_args(temperature: float, top_k: int = 0, top_p: float = 1.0) -> None:
-    """Validate user-facing sampling flags with Chinese messages."""
+    """检查用户给的采样参数；不合法时报一行中文错误。"""
     if temperature is None or temperature < 0:
         raise UserError(f"--temperature 必须 ≥ 0（收到 {temperature}）：0 表示贪心，常用 0.7～1.0。")
     if top_k is None or top_k < 0:
@@ -17,10 +17,10 @@ def check_sampling_args(temperature: float, top_k: int = 0, top_p: float = 1.0) 
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The probability distribution that is actually sampled from, for 1-D logits [V].
+    """对一维 logits [V] 算出真正用来抽样的概率分布。
 
-    temperature 0 -> all mass on the argmax (greedy). top_k keeps the k most likely tokens,
-    top_p keeps the smallest set whose probability reaches p; the rest get probability 0.
+    temperature 为 0 -> 全部概率都给 argmax（贪心）。top_k 只留概率最高的 k 个 token，
+    top_p 只留"概率加起来刚好达到 p"的最小集合；其余 token 的概率都设为 0，再重新归一化。
     """
     logits = logits.float()
     if temperature == 0:
@@ -34,8 +34,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         keep &= probs >= kth
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_p, dim=0) - sorted_p       # mass of strictly more likely tokens
-        keep_sorted = before < top_p                            # keep until p is reached (always >= 1 token)
+        before = torch.cumsum(sorted_p, dim=0) - sorted_p       # 排在它前面（更可能）的 token 的概率之和
+        keep_sorted = before < top_p                            # 前面累计还没到 p 就留下（第一个总会留下）
         keep_p = torch.zeros_like(keep)
         keep_p[order[keep_sorted]] = True
         keep &= keep_p
@@ -45,7 +45,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       generator: torch.Generator | None = None) -> int:
-    """Pick one token id from 1-D logits [V]. temperature 0 is greedy (argmax)."""
+    """从一维 logits [V] 里选出一个 token id。temperature 为 0 就是贪心（取 argmax）。"""
     if temperature == 0:
         return int(logits.argmax())
     probs = sampling_probs(logits, temperature, top_k, top_p)
