@@ -47,107 +47,142 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-class Auth:
-    """API keys (Bearer or X-API-Key) and JWTs issued by the OAuth2 password flow. Off when nothing is configured."""
+MIN_JWT_SECRET_BYTES = 32      # HS256 keys shorter than the hash output are guessable offline (RFC 7518 3.2)
 
-    def __init__(self, keys: list[str], users: dict[str, str], secret: str, expire_minutes: float):
+
+class FailedAttempts:
+    """Throttle credential guessing: after `limit` failed attempts from one client address within `window`
+    seconds, that address gets 429 + Retry-After (for every credential, right or wrong) until the window passes."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self.fails: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.lock = threading.Lock()
+
+    def check(self, client: str) -> None:
+        with self.lock:
+            q, now = self.fails[client], time.monotonic()
+            while q and now - q[0] >= self.window:
+                q.popleft()
+            if len(q) >= self.limit:
+                wait = max(1, int(self.window - (now - q[0])) + 1)
+                raise ApiError(429, f"认证失败次数太多：请 {wait} 秒后再试", "rate_limit_error",
+                               "too_many_failed_attempts", {"Retry-After": str(wait)})
+
+    def record(self, client: str) -> None:
+        with self.lock:
+            self.fails[client].append(time.monotonic())
+
+
+class Auth:
+    """API keys (Bearer or X-API-Key) and JWTs issued by the OAuth2 password flow. Off when nothing is configured.
+
+    A caller's identity (it owns rate-limit buckets and sessions) is stable: `key:<first 16 hex digits of the
+    key's SHA-256>` for an API key, `user:<name>` for a JWT. Reordering LLM_API_KEYS changes nothing; a removed
+    key's sessions become unreachable (nobody else's identity can match its hash), and come back if the same
+    key is configured again."""
+
+    def __init__(self, keys: list[str], users: dict[str, str], secret: str, expire_minutes: float,
+                 failed_limit: int = 10):
+        from common.errors import UserError
+
+        if users and len(secret.encode("utf-8")) < MIN_JWT_SECRET_BYTES:
+            raise UserError(f"LLM_JWT_SECRET 太短（{len(secret.encode('utf-8'))} 字节）：至少 {MIN_JWT_SECRET_BYTES} 字节，"
+                            "例如 python -c \"import secrets; print(secrets.token_urlsafe(32))\" 生成一个。")
         self.keys = [_digest(k) for k in keys]                  # only hashes: no plain key kept even in memory
         self.users = {u: _digest(p) for u, p in users.items()}
         self.secret, self.expire_minutes = secret, expire_minutes
+        self.failures = FailedAttempts(failed_limit)
 
     @property
     def enabled(self) -> bool:
         return bool(self.keys or self.users)
 
     def identify(self, headers, client: str) -> str:
-        """The caller's identity (for rate limits and session ownership); 401 when authentication fails."""
+        """The caller's identity (for rate limits and session ownership); 401 when authentication fails,
+        429 when this client address has failed too often recently."""
         import hmac
-
-        import jwt
 
         if not self.enabled:
             return f"anon:{client}"
+        self.failures.check(client)
         auth = headers.get("authorization", "")
         cred = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
         if cred:
             d = _digest(cred)   # constant time: compare with every key, never stop early
-            hits = [hmac.compare_digest(d, k) for k in self.keys]
-            if any(hits):
-                return f"key:{hits.index(True)}"
-            if self.users and cred.count(".") == 2:
-                try:
-                    return "user:" + jwt.decode(cred, self.secret, algorithms=["HS256"])["sub"]
-                except jwt.PyJWTError:
-                    pass
+            if any([hmac.compare_digest(d, k) for k in self.keys]):
+                return "key:" + d.hex()[:16]
+            user = self._jwt_user(cred)
+            if user is not None:
+                return "user:" + user
+        self.failures.record(client)
         raise ApiError(401, "缺少或无效的 API key / token（Authorization: Bearer ... 或 X-API-Key）",
                        "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
-    def issue_token(self, username: str, password: str) -> str:
+    def _jwt_user(self, token: str) -> str | None:
+        """A valid JWT's user: signed with our secret, unexpired, with `exp` and `sub`, for a user still configured."""
+        import jwt
+
+        if not self.users or token.count(".") != 2:
+            return None
+        try:
+            claims = jwt.decode(token, self.secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError:
+            return None
+        sub = claims.get("sub")
+        return sub if isinstance(sub, str) and sub in self.users else None
+
+    def issue_token(self, username: str, password: str, client: str = "?") -> str:
         import hmac
 
         import jwt
 
+        self.failures.check(client)
         ok = [hmac.compare_digest(_digest(password), d) for u, d in self.users.items() if u == username]
         if not any(ok):
+            self.failures.record(client)
             raise ApiError(401, "用户名或密码错误", "authentication_error", "invalid_grant")
         now = int(time.time())
         return jwt.encode({"sub": username, "iat": now, "exp": now + int(self.expire_minutes * 60)},
                           self.secret, algorithm="HS256")
 
 
-class RateLimiter:
-    """At most rpm requests per identity per minute (sliding window); past it 429 + Retry-After. rpm=0: off."""
-
-    def __init__(self, rpm: int):
-        self.rpm = rpm
-        self.hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-
-    def check(self, who: str) -> None:
-        if not self.rpm:
-            return
-        now, q = time.monotonic(), self.hits[who]
-        while q and now - q[0] >= 60:
-            q.popleft()
-        if len(q) >= self.rpm:
-            wait = max(1, int(60 - (now - q[0])) + 1)
-            raise ApiError(429, f"请求太频繁：每分钟最多 {self.rpm} 次，请 {wait} 秒后再试", "rate_limit_error",
-                           "rate_limit_exceeded", {"Retry-After": str(wait)})
-        q.append(now)
-
-
 class Sessions:
-    """Conversation history in SQLite: sessions survive a server restart. A session belongs to the identity that made it."""
+    """Conversation history in SQLite: sessions survive a server restart.
+
+    Every identity has its own namespace of session ids (the primary key starts with the owner): two callers
+    who pick the same id get two separate conversations, nobody can read, extend or even detect another
+    caller's session, and creating a session is the first INSERT of its rows (atomic, under one lock)."""
 
     def __init__(self, path):
         import sqlite3
 
         self.lock = threading.Lock()
         self.db = sqlite3.connect(str(path), check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS messages (session TEXT, owner TEXT, idx INTEGER, "
-                        "role TEXT, content TEXT, created REAL, PRIMARY KEY (session, idx))")
+        # Table "messages" of earlier versions keyed sessions by id alone and owners by key position: not reused.
+        self.db.execute("CREATE TABLE IF NOT EXISTS chat_messages (owner TEXT, session TEXT, idx INTEGER, "
+                        "role TEXT, content TEXT, created REAL, PRIMARY KEY (owner, session, idx))")
         self.db.commit()
 
-    def get(self, session: str, owner: str) -> list[dict] | None:
+    def get(self, session: str, owner: str) -> list[dict]:
+        """The owner's messages in this session ([] when the owner has no such session)."""
         with self.lock:
-            rows = self.db.execute("SELECT owner, role, content FROM messages WHERE session=? ORDER BY idx",
-                                   (session,)).fetchall()
-        if rows and rows[0][0] != owner:
-            return None                       # someone else's session: as if it did not exist
-        return [{"role": r, "content": c} for _, r, c in rows]
+            rows = self.db.execute("SELECT role, content FROM chat_messages WHERE owner=? AND session=? ORDER BY idx",
+                                   (owner, session)).fetchall()
+        return [{"role": r, "content": c} for r, c in rows]
 
     def append(self, session: str, owner: str, messages: list[dict]) -> None:
         with self.lock, self.db:
-            start = self.db.execute("SELECT COUNT(*) FROM messages WHERE session=?", (session,)).fetchone()[0]
-            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                                [(session, owner, start + i, m["role"], m["content"], time.time())
+            start = self.db.execute("SELECT COUNT(*) FROM chat_messages WHERE owner=? AND session=?",
+                                    (owner, session)).fetchone()[0]
+            self.db.executemany("INSERT INTO chat_messages VALUES (?, ?, ?, ?, ?, ?)",
+                                [(owner, session, start + i, m["role"], m["content"], time.time())
                                  for i, m in enumerate(messages)])
 
     def delete(self, session: str, owner: str) -> bool:
-        if not self.get(session, owner):
-            return False
         with self.lock, self.db:
-            self.db.execute("DELETE FROM messages WHERE session=?", (session,))
-        return True
+            return self.db.execute("DELETE FROM chat_messages WHERE owner=? AND session=?",
+                                   (owner, session)).rowcount > 0
 
     def close(self) -> None:
         with self.lock:
