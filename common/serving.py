@@ -1,5 +1,7 @@
 """Production plumbing around lesson 06's server: Prometheus metrics, OpenAI-shaped errors, API-key /
-OAuth2 + JWT authentication, a per-caller rate limit and SQLite conversation sessions.
+OAuth2 + JWT authentication, a per-caller rate limit, SQLite conversation sessions, and the generic HTTP
+parts (SSE framing, error responses and handlers, request counting, binding a port, a server running
+in a background thread).
 
 Lesson 06 teaches the engine (continuous batching) and the OpenAI-compatible routes; these pieces are
 the standard parts every serving system has around them. Messages a user sees (errors, metric help)
@@ -8,16 +10,29 @@ are in Chinese, like the lesson.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
+import json
+import socket
+import sqlite3
 import threading
 import time
+
+import jwt
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from starlette.exceptions import HTTPException
+
+from common.errors import UserError
 
 
 class Metrics:
     """Prometheus metrics in their own CollectorRegistry (several servers in one process do not collide)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-
         disable_created_metrics()          # no *_created timestamp series: /metrics is easier to read
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llm_requests", "HTTP 请求数（按路径和状态码）", ["path", "status"], registry=r)
@@ -43,7 +58,6 @@ class ApiError(Exception):
 
 
 def _digest(text: str) -> bytes:
-    import hashlib
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
@@ -84,8 +98,6 @@ class Auth:
 
     def __init__(self, keys: list[str], users: dict[str, str], secret: str, expire_minutes: float,
                  failed_limit: int = 10):
-        from common.errors import UserError
-
         if users and len(secret.encode("utf-8")) < MIN_JWT_SECRET_BYTES:
             raise UserError(f"LLM_JWT_SECRET 太短（{len(secret.encode('utf-8'))} 字节）：至少 {MIN_JWT_SECRET_BYTES} 字节，"
                             "例如 python -c \"import secrets; print(secrets.token_urlsafe(32))\" 生成一个。")
@@ -101,8 +113,6 @@ class Auth:
     def identify(self, headers, client: str) -> str:
         """The caller's identity (for rate limits and session ownership); 401 when authentication fails,
         429 when this client address has failed too often recently."""
-        import hmac
-
         if not self.enabled:
             return f"anon:{client}"
         self.failures.check(client)
@@ -121,8 +131,6 @@ class Auth:
 
     def _jwt_user(self, token: str) -> str | None:
         """A valid JWT's user: signed with our secret, unexpired, with `exp` and `sub`, for a user still configured."""
-        import jwt
-
         if not self.users or token.count(".") != 2:
             return None
         try:
@@ -133,10 +141,6 @@ class Auth:
         return sub if isinstance(sub, str) and sub in self.users else None
 
     def issue_token(self, username: str, password: str, client: str = "?") -> str:
-        import hmac
-
-        import jwt
-
         self.failures.check(client)
         ok = [hmac.compare_digest(_digest(password), d) for u, d in self.users.items() if u == username]
         if not any(ok):
@@ -147,6 +151,34 @@ class Auth:
                           self.secret, algorithm="HS256")
 
 
+class RateLimiter:
+    """At most rpm requests per identity per minute (sliding window); past it 429 + Retry-After. rpm=0: off."""
+
+    def __init__(self, rpm: int):
+        self.rpm = rpm
+        self.hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    def check(self, who: str) -> None:
+        if not self.rpm:
+            return
+        now, q = time.monotonic(), self.hits[who]
+        while q and now - q[0] >= 60:
+            q.popleft()
+        if len(q) >= self.rpm:
+            wait = max(1, int(60 - (now - q[0])) + 1)
+            raise ApiError(429, f"请求太频繁：每分钟最多 {self.rpm} 次，请 {wait} 秒后再试", "rate_limit_error",
+                           "rate_limit_exceeded", {"Retry-After": str(wait)})
+        q.append(now)
+
+    def set_rpm(self, rpm: int) -> None:
+        """Change the limit while the server runs (0 = off); requests already counted stay counted."""
+        self.rpm = rpm
+
+    def reset(self) -> None:
+        """Forget every caller's recent requests (a fresh minute for everyone)."""
+        self.hits.clear()
+
+
 class Sessions:
     """Conversation history in SQLite: sessions survive a server restart.
 
@@ -155,8 +187,6 @@ class Sessions:
     caller's session, and creating a session is the first INSERT of its rows (atomic, under one lock)."""
 
     def __init__(self, path):
-        import sqlite3
-
         self.lock = threading.Lock()
         self.db = sqlite3.connect(str(path), check_same_thread=False)
         # Table "messages" of earlier versions keyed sessions by id alone and owners by key position: not reused.
@@ -188,3 +218,100 @@ class Sessions:
         with self.lock:
             self.db.close()
 
+
+# ------------------------------------------------------------------ generic HTTP plumbing
+def sse(obj) -> str:
+    """One Server-Sent Events message: `data: <json>` and a blank line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", code=None, headers=None,
+                   param=None) -> JSONResponse:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def on_api_error(request: Request, e: ApiError):
+    return error_response(e.status, e.message, e.type, e.code, e.headers)
+
+
+async def on_invalid(request: Request, e: RequestValidationError):
+    """FastAPI's validation errors: malformed JSON -> 400, a field of the wrong type or value -> 422."""
+    errs = e.errors()
+    if any(x.get("type") == "json_invalid" for x in errs):
+        return error_response(400, "请求体不是合法的 JSON", code="invalid_json")
+    where = ".".join(str(p) for p in errs[0].get("loc", ()) if p != "body")
+    return error_response(422, f"参数 {where} 无效：{errs[0].get('msg')}", code="invalid_value", param=where)
+
+
+async def on_http_error(request: Request, e: HTTPException):
+    return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+
+class CountRequests:
+    """A minimal ASGI middleware: counts requests by route and status code (llm_requests_total)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        status = [500]
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            if scope["type"] == "http":
+                self.metrics.requests.labels(getattr(scope.get("route"), "path", "other"), str(status[0])).inc()
+
+
+def install_plumbing(app: FastAPI, metrics: Metrics) -> None:
+    """Every error in OpenAI's shape (ApiError, validation errors, unknown paths) and every request counted."""
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_invalid)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_middleware(CountRequests, metrics=metrics)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the port ourselves: one Chinese line when it is taken; port=0 lets the OS pick a free one (demo, tests)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"无法监听 {host}:{port}（{e.strerror}）：端口被占用？换一个 --port。") from None
+    return sock
+
+
+class Running:
+    """A server run by uvicorn in a background thread (the demo and the tests); leaving the with-block stops
+    it gracefully. srv is anything with .app() (the ASGI app to serve) and .ready() (True once it can answer);
+    entering waits until uvicorn listens and, unless wait_ready=False, until srv.ready()."""
+
+    def __init__(self, srv, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 wait_ready: bool = True):
+        self.srv, self.sock, self.wait_ready = srv, bind(host, port), wait_ready
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://{host}:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(srv.app(), log_level=log_level, timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "Running":
+        self.thread.start()
+        deadline = time.monotonic() + 300
+        while not (self.server.started and (self.srv.ready() or not self.wait_ready)):
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise UserError("服务器没能启动（见上面的日志）。")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
