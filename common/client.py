@@ -109,6 +109,8 @@ class LLMClient:
         self._oa = None
         self._local = None
         self._embedder = None
+        self.connected = False          # the API answered (or, with --backend openai, was configured)
+        self.embed_local = False        # set when only the API's embeddings failed (chat may still use the API)
         self.model_name = ""
 
         configured = bool(self.api_key or self.base_url)
@@ -165,6 +167,7 @@ class LLMClient:
             raise UserError(f"{self.base_url} 没有列出可用模型：请用 --model 或 OPENAI_MODEL 指定模型名。")
         else:
             self.model_name = DEFAULT_OPENAI_MODEL
+        self.connected = True
 
     @property
     def openai(self):
@@ -251,14 +254,20 @@ class LLMClient:
     @property
     def embed_name(self) -> str:
         """Which embedding model embed() uses now (use it as part of any cache key)."""
-        return f"openai:{self.embed_model}" if self.backend == "openai" else "local:all-MiniLM-L6-v2"
+        return f"openai:{self.embed_model}" if self._embed_via_api else "local:all-MiniLM-L6-v2"
+
+    @property
+    def _embed_via_api(self) -> bool:
+        # Each capability falls back on its own: a server without /v1/embeddings keeps serving chat, and
+        # a chat failure does not move the embeddings (and every cached vector) to another model.
+        return self.connected and not self.embed_local
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings [N, D] float32, each row L2-normalised."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        if self.backend == "openai":
+        if self._embed_via_api:
             out, err = [], None
             try:
                 for i in range(0, len(texts), batch_size):
@@ -271,7 +280,9 @@ class LLMClient:
                 return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
             if self.requested != "auto":
                 raise err
-            self._fallback(err)
+            self.embed_local = True
+            print(f"\n[后端] API 的嵌入接口不可用，只有向量改用本地 all-MiniLM-L6-v2（生成不受影响）。原因：{err}",
+                  file=sys.stderr, flush=True)
         if self._embedder is None:
             from common.embeddings import load_local_embedder
             self._embedder = load_local_embedder()

@@ -385,6 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(payload):x}\r\n".encode("ascii") + payload + b"\r\n")
 
     def _embeddings(self, body: dict, mode: str) -> None:
+        if not self.server.owner.serve_embeddings:      # a chat-only server, like many local ones
+            self._send_error(404, f"Invalid URL (POST {self.path})", "invalid_request_error", None)
+            return
         if mode == "drop":
             self._drop_connection()
             return
@@ -463,6 +466,7 @@ class OpenAITestServer:
         self.stream_delay = 0.0
         self.retry_after_ms = 10
         self.embedding_dim = DEFAULT_EMBEDDING_DIM
+        self.serve_embeddings = True      # False: POST /v1/embeddings answers 404 (chat still works)
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._counter = 0
