@@ -1,22 +1,22 @@
-"""The Llama architecture (as used by SmolLM2-135M-Instruct) in plain, readable torch.
+"""Llama 架构（SmolLM2-135M-Instruct 用的就是它），用朴素的 torch 写成，可以一行一行读懂。
 
-    tokens -> embedding -> 30 x [ RMSNorm -> attention (RoPE, grouped-query) -> + residual
-                                  RMSNorm -> SwiGLU MLP                      -> + residual ]
-           -> RMSNorm -> LM head (tied to the embedding) -> logits
+    tokens -> embedding -> 30 层 x [ RMSNorm -> 注意力 attention（RoPE, GQA） -> + 残差
+                                     RMSNorm -> SwiGLU MLP（前馈网络）        -> + 残差 ]
+           -> RMSNorm -> LM head（与 embedding 共用同一个矩阵）-> logits
 
-Optional pieces the lessons need (all in ``Llama.forward``):
-  * a KV cache (``KVCache``): keys/values of earlier positions are kept, so a new token only
-    computes its own K/V (lesson 02); rows can be reset and reused (a serving engine, lesson 06);
-  * ``attention_mask``: prompts of different lengths in one batch (padding on either side), packed
-    so that padding costs no matmul work;
-  * ``last_only`` (next-token logits only) and ``return_hidden`` (hidden states, e.g. for a loss on
-    some positions only: lessons 05 and 08);
-  * ``return_attn=True``: every layer's attention weights [B, heads, T, S] (lesson 01).
-The generation loop that drives it lives in common/generate.py.
+几节课要用到的可选功能（都在 ``Llama.forward`` 里）：
+  * KV 缓存（``KVCache``）：前面各位置的 key/value 留着不扔，新 token 只需算它自己的 K/V
+    （第 2 课）；缓存的行可以清空后给新请求重用（服务引擎，第 6 课）；
+  * ``attention_mask``：长短不一的提示词放进同一批（padding 补在左边或右边都行），并且"打包"
+    计算，让 padding 不占任何矩阵乘法的工作量；
+  * ``last_only``（只要下一个 token 的 logits）和 ``return_hidden``（返回隐藏状态，比如只在
+    部分位置上算损失：第 5、8 课）；
+  * ``return_attn=True``：同时返回每一层的注意力权重 [B, heads, T, S]（第 1 课）。
+驱动它一个 token 一个 token 往下生成的循环在 common/generate.py。
 
-RoPE note: llama.cpp's converter permutes the Q/K weight rows of Llama models, so with GGUF
-weights RoPE rotates *adjacent* pairs (dims 0/1, 2/3, ...) rather than the two halves of the
-head as in the Hugging Face layout. tests/test_llama_reference.py compares against transformers.
+RoPE 提示：llama.cpp 的转换脚本会重排 Llama 模型 Q/K 权重的行，所以用 GGUF 权重时，RoPE 旋转的是
+*相邻*的两维（第 0/1 维、第 2/3 维……），而不是 Hugging Face 布局里每个头的前一半和后一半。
+tests/test_llama_reference.py 会拿它和 transformers 的输出逐一对比。
 """
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ import torch.nn.functional as F
 @dataclass
 class LlamaConfig:
     vocab_size: int = 49152
-    dim: int = 576            # hidden size
+    dim: int = 576            # 隐藏维度：每个 token 的向量有多长
     n_layers: int = 30
-    n_heads: int = 9          # query heads
-    n_kv_heads: int = 3       # key/value heads (GQA: 3 query heads share one K/V head)
-    ffn_dim: int = 1536       # SwiGLU hidden size
+    n_heads: int = 9          # query 头数
+    n_kv_heads: int = 3       # key/value 头数（GQA：每 3 个 query 头共用一个 K/V 头）
+    ffn_dim: int = 1536       # SwiGLU 中间层的宽度
     rope_base: float = 100000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 8192
-    # Qwen2 differs from Llama in three switches (same code otherwise):
-    qkv_bias: bool = False          # Qwen2: biases on the q/k/v projections
-    rope_pairs: bool = True         # GGUF llama: RoPE rotates adjacent pairs; Qwen2 (GGUF "neox"): the two halves
-    tie_embeddings: bool = True     # SmolLM2: LM head = embedding matrix; Qwen2.5-0.5B GGUF: its own output.weight
+    # Qwen2 和 Llama 只差下面三个开关（其余代码完全相同）：
+    qkv_bias: bool = False          # Qwen2：q/k/v 三个投影带偏置（bias）
+    rope_pairs: bool = True         # GGUF 里的 llama：RoPE 旋转相邻两维；Qwen2（GGUF 里叫 "neox"）：旋转前后两半
+    tie_embeddings: bool = True     # SmolLM2：LM head 就是 embedding 矩阵；Qwen2.5-0.5B 的 GGUF：有自己的 output.weight
 
     @property
     def head_dim(self) -> int:
@@ -51,7 +51,7 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight — LayerNorm without mean-centering and bias."""
+    """x / sqrt(mean(x^2) + eps) * weight —— 相当于不减均值、也不加偏置的 LayerNorm。"""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -65,37 +65,37 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every position and every pair of dims: [max_len, head_dim // 2]."""
+    """每个位置、每一对维度的旋转角的 cos/sin：[max_len, head_dim // 2]（角度 = 位置 × 这一对维度的频率）。"""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool = True) -> torch.Tensor:
-    """Rotate pairs of dims of x [B, H, T, D] by position-dependent angles.
+    """把 x [B, H, T, D] 的维度两两配对，每一对按一个随位置变化的角度旋转。
 
-    pairs=True: adjacent pairs (x0,x1), (x2,x3), ... (Llama weights as llama.cpp stores them);
-    pairs=False: dim i with dim i + D/2 (the "halves"/NeoX layout: Qwen2, and Llama in the HF layout)."""
+    pairs=True：相邻两维配对 (x0,x1)、(x2,x3)……（llama.cpp 存 Llama 权重的方式）；
+    pairs=False：第 i 维和第 i + D/2 维配对（"前后两半"即 NeoX 布局：Qwen2，以及 HF 布局的 Llama）。"""
     if pairs:
         x_pairs = x.float().unflatten(-1, (-1, 2))      # [B, H, T, D/2, 2]
-        x0, x1 = x_pairs[..., 0], x_pairs[..., 1]       # [B, H, T, D/2] each
+        x0, x1 = x_pairs[..., 0], x_pairs[..., 1]       # 两个都是 [B, H, T, D/2]
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
         return out.flatten(-2).to(x.dtype)              # [B, H, T, D]
-    x0, x1 = x.float().chunk(2, dim=-1)                 # [B, H, T, D/2] each
+    x0, x1 = x.float().chunk(2, dim=-1)                 # 两个都是 [B, H, T, D/2]
     return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).to(x.dtype)
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each.
+    """为每一层预先分配好的 key 和 value：各是 [B, n_kv_heads, max_len, head_dim]。
 
-    Memory per token = 2 (K and V) x layers x kv_heads x head_dim x bytes per number.
+    每个 token 占的内存 = 2（K 和 V）× 层数 × KV 头数 × head_dim × 每个数的字节数。
 
-    The simple case (one prompt, or prompts of equal length): every row holds real tokens in
-    columns [0, length). Once a call passes an attention_mask (prompts of different lengths) or
-    rows are reset for reuse (a serving engine), the cache becomes *ragged* and also tracks, per row:
-      lengths [B]           columns in use (new tokens of that row are written from here)
-      valid   [B, max_len]  which written columns hold a real token (padding is never attended to)
-      pos     [B]           the position (for RoPE) the row's next real token gets
+    简单情况（一条提示词，或几条等长的提示词）：每一行的第 [0, length) 列都是真实 token。一旦某次
+    调用传了 attention_mask（提示词长短不一），或者有行被清空重用（服务引擎），缓存就变成"参差"的
+    （*ragged*），这时还要为每一行分别记下：
+      lengths [B]           已用了多少列（这一行的新 token 从这一列开始写）
+      valid   [B, max_len]  已写的列里哪些是真实 token（注意力永远不看 padding）
+      pos     [B]           这一行下一个真实 token 的位置编号（给 RoPE 用）
     """
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
@@ -104,15 +104,15 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.batch = batch
         self.max_len = max_len
-        self.length = 0                     # columns in use by the longest row
-        self.lengths = self.valid = self.pos = None   # per-row state, only once ragged
+        self.length = 0                     # 最长的那一行用了多少列
+        self.lengths = self.valid = self.pos = None   # 每行各自的状态，变成 ragged 之后才有
 
     @property
     def ragged(self) -> bool:
         return self.lengths is not None
 
     def make_ragged(self) -> None:
-        """Switch to per-row bookkeeping (done automatically when a call needs it)."""
+        """切换成逐行记账（某次调用需要时会自动切换）。"""
         if self.ragged:
             return
         dev = self.k[0].device
@@ -122,7 +122,7 @@ class KVCache:
         self.pos = self.lengths.clone()
 
     def reset_rows(self, rows) -> None:
-        """Empty some rows so new sequences can use them (the other rows are untouched)."""
+        """清空指定的几行，好让新的序列使用（其他行原样不动）。"""
         self.make_ragged()
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths[rows] = 0
@@ -130,21 +130,9 @@ class KVCache:
         self.valid[rows] = False
         self.length = int(self.lengths.max()) if self.batch else 0
 
-    def load_prefix(self, row: int, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
-        """前缀缓存：把一段算好的开头（每层一个 [kv_heads, P, head_dim] 的 K 和 V）复制进第 row 行。
-        这一行先清空，然后就像已经预填充过这 P 个 token：下一个 token 写在第 P 列、位置是 P。"""
-        self.reset_rows([row])
-        P = ks[0].shape[1] if ks else 0
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            self.k[layer][row, :, :P] = k
-            self.v[layer][row, :, :P] = v
-        self.lengths[row] = self.pos[row] = P
-        self.valid[row, :P] = True
-        self.length = int(self.lengths.max())
-
     def first_rows(self, n: int) -> "KVCache":
-        """A view of rows 0..n-1 (slices share storage, nothing is copied): a serving engine runs only the rows
-        in use. Needs a ragged cache (reset_rows first)."""
+        """第 0..n-1 行的视图（切片和原缓存共用存储，不复制任何数据）：服务引擎只跑正在用的那几行。
+        需要 ragged 缓存（先调用 reset_rows）。"""
         if n == self.batch:
             return self
         self.make_ragged()
@@ -155,7 +143,7 @@ class KVCache:
         return view
 
     def nbytes_used(self) -> int:
-        """Bytes actually holding keys/values for the filled positions."""
+        """已填入的位置上，key/value 实际占用的字节数。"""
         per_pos = sum(t[:1, :, :1].nelement() * t.element_size() for t in self.k + self.v)
         filled = int(self.valid.sum()) if self.ragged else self.length * self.batch
         return per_pos * filled
@@ -165,7 +153,7 @@ class KVCache:
 
 
 def unpack(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """Packed batch: the real tokens' [N, C] back into a zero-padded [B, T, C] (``real`` [B, T] bool)."""
+    """打包过的批次：把真实 token 的 [N, C] 放回补零的 [B, T, C]（``real`` 是 [B, T] 的 bool）。"""
     if real is None:
         return t
     full = t.new_zeros(*real.shape, t.shape[-1])
@@ -175,18 +163,18 @@ def unpack(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass
 class Span:
-    """Where one forward call's tokens sit, shared by all layers.
+    """一次 forward 调用里的 token 各落在哪里（位置、缓存列、遮罩）；所有层共用这一份。
 
-    Simple case: ``start`` (write columns start..start+T of every row) and a plain causal mask.
-    Masked case: ``cols`` [B, T] (the cache column of each new token) and ``mask`` [B, 1, T, S]
-    (True = this query may attend to that key column)."""
-    cos: torch.Tensor                # [T, D/2], or [B, 1, T, D/2] when rows have different positions
+    简单情况：``start``（每一行都写第 start..start+T 列）加上普通的因果遮罩。
+    带遮罩的情况：``cols`` [B, T]（每个新 token 写进缓存的哪一列）和 ``mask`` [B, 1, T, S]
+    （True = 这个 query 可以看那一列 key）。"""
+    cos: torch.Tensor                # [T, D/2]；各行位置不同时是 [B, 1, T, D/2]
     sin: torch.Tensor
-    total: int                       # S: key columns attended over
+    total: int                       # S：注意力要看的 key 列数
     start: int = 0
     cols: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    real: torch.Tensor | None = None   # [B, T] bool when packed: x holds only the real tokens, [N, dim]
+    real: torch.Tensor | None = None   # 打包时是 [B, T] 的 bool：x 里只有真实 token，形状 [N, dim]
 
 
 class Attention(nn.Module):
@@ -207,11 +195,11 @@ class Attention(nn.Module):
         v = unpack(self.v_proj(x), span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
         q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
 
-        if cache is not None:  # write this step's K/V, then attend over everything so far
+        if cache is not None:  # 先把这一步的 K/V 写进缓存，再对到目前为止的所有位置做注意力
             if span.cols is None:
                 cache.k[layer][:, :, span.start:span.start + T] = k
                 cache.v[layer][:, :, span.start:span.start + T] = v
-            else:                                    # each row writes at its own columns
+            else:                                    # 每一行写到它自己的列
                 rows = torch.arange(B, device=x.device)[:, None]
                 cache.k[layer][rows, :, span.cols] = k.transpose(1, 2)               # [B, T, 3, 64]
                 cache.v[layer][rows, :, span.cols] = v.transpose(1, 2)
@@ -220,15 +208,15 @@ class Attention(nn.Module):
         S = k.shape[2]
 
         if span.mask is not None:
-            mask, is_causal = span.mask, False       # [B, 1, T, S]: causal + padding
+            mask, is_causal = span.mask, False       # [B, 1, T, S]：因果 + padding
         elif T == 1:
-            mask, is_causal = None, False            # one new token may look at every cached position
+            mask, is_causal = None, False            # 只有一个新 token：缓存里的每个位置它都能看
         elif S == T:
-            mask, is_causal = None, True
+            mask, is_causal = None, True             # 没有更早的位置：普通的因果遮罩
         else:
             mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T), False
 
-        if return_attn:  # the explicit formula, so the weights can be returned
+        if return_attn:  # 按公式一步一步算，这样才拿得到注意力权重
             group = cfg.n_heads // cfg.n_kv_heads
             kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, 9, S, 64]
             scores = (q.float() @ kx.float().transpose(-2, -1)) / math.sqrt(cfg.head_dim)  # [B, 9, T, S]
@@ -236,19 +224,19 @@ class Attention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            attn = scores.softmax(dim=-1)                                            # rows sum to 1
+            attn = scores.softmax(dim=-1)                                            # 每一行加起来等于 1
             out = (attn @ vx.float()).to(x.dtype)                                    # [B, 9, T, 64]
-        else:  # the same maths, fused (torch's scaled_dot_product_attention)
+        else:  # 同样的数学，融合成一个算子（torch 的 scaled_dot_product_attention）
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)          # [B, T, 576]
         if span.real is not None:
-            out = out[span.real]                                                     # [N, 576]: real tokens only
+            out = out[span.real]                                                     # [N, 576]：只留真实 token
         return self.o_proj(out), attn
 
 
 class MLP(nn.Module):
-    """SwiGLU: down( silu(gate(x)) * up(x) )."""
+    """SwiGLU：down( silu(gate(x)) * up(x) )——gate 那一路决定 up 的每一维放行多少。"""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -270,8 +258,8 @@ class Block(nn.Module):
 
     def forward(self, x, span: Span, layer: int, cache: KVCache | None, return_attn: bool):
         a, attn = self.attn(self.attn_norm(x), span, layer, cache, return_attn)
-        x = x + a                                   # residual
-        x = x + self.mlp(self.mlp_norm(x))          # residual
+        x = x + a                                   # 残差连接
+        x = x + self.mlp(self.mlp_norm(x))          # 残差连接
         return x, attn
 
 
@@ -284,7 +272,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight # tied: the same matrix reads tokens in and out
+            self.lm_head.weight = self.embed.weight # 共用权重：读入 token 和给 token 打分用的是同一个矩阵
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -300,28 +288,28 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
                 return_hidden: bool = False, return_attn: bool = False):
-        """input_ids [B, T] -> logits [B, T, vocab].
+        """input_ids [B, T] -> logits [B, T, vocab]。
 
-        cache           a KVCache: earlier positions are read from it and this call's K/V appended
-        attention_mask  [B, T], 1 = real token, 0 = padding (prompts of different lengths in one
-                        batch, padded on the left or the right): padding is never attended to and
-                        every real token gets its true position (0, 1, 2, ... within its own row).
-                        The batch is then *packed*: embedding, projections and MLP run on the N real
-                        tokens only ([N, 576], not [B, T, 576]); only attention sees the padded [B, T]
-                        layout. So a serving step that mixes a 40-token prefill with 7 one-token decodes
-                        costs 47 tokens of matmul, not 8 x 40 (lesson 06). Padding positions of the
-                        output hold zeros (with last_only, so does a row that has no real token).
-        last_only       only each row's last real token: logits [B, vocab] (all next-token sampling needs;
-                        the LM head, a 576 x 49152 matrix, then runs on one position per row)
-        return_hidden   the final hidden states (after the last RMSNorm) instead of logits;
-                        ``model.lm_head(h).float()`` turns any of them into logits
-        return_attn     also every layer's attention weights [B, heads, T, S]
+        cache           一个 KVCache：前面各位置的 K/V 从里面读，这次调用算出的 K/V 接着写进去
+        attention_mask  [B, T]，1 = 真实 token，0 = padding（长短不一的提示词放进同一批，padding 补在
+                        左边或右边都行）：注意力永远不看 padding，每个真实 token 都拿到它真正的位置
+                        编号（在自己那一行里从 0, 1, 2, ... 数起）。
+                        这时整批会被*打包*：embedding、各个投影和 MLP 只在 N 个真实 token 上算
+                        （[N, 576]，而不是 [B, T, 576]）；只有注意力这一步用补齐后的 [B, T] 布局。
+                        所以服务引擎的一步里，一条 40 个 token 的 prefill 加上 7 条各 1 个 token 的
+                        decode，矩阵乘法只算 47 个 token，而不是 8 x 40 个（第 6 课）。输出里 padding
+                        位置全是零（用 last_only 时，一个真实 token 都没有的行也是全零）。
+        last_only       只要每一行最后一个真实 token 的 logits：[B, vocab]（采样下一个 token 只需要它；
+                        LM head 是 576 x 49152 的大矩阵，这样每行只在一个位置上算它）
+        return_hidden   返回最终的隐藏状态（最后一个 RMSNorm 之后），不返回 logits；
+                        ``model.lm_head(h).float()`` 可以把其中任意位置变成 logits
+        return_attn     同时返回每一层的注意力权重 [B, heads, T, S]
         """
         B, T = input_ids.shape
         if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None                   # nothing padded: the simple path is exact and faster
+            attention_mask = None                   # 没有 padding：走简单路径，结果一样而且更快
         span = self._span(B, T, cache, attention_mask)
-        if span.real is not None:                   # packed: only real tokens go through the matmuls
+        if span.real is not None:                   # 打包：只有真实 token 参与矩阵乘法
             input_ids = input_ids[span.real]                                          # [N]
         x = self.embed(input_ids)                                                     # [B, T, 576] or [N, 576]
         if x.dtype != self.norm.weight.dtype:
@@ -333,7 +321,7 @@ class Llama(nn.Module):
         if cache is not None:
             self._advance(cache, T, attention_mask)
         h = self.norm(x)                                                              # [B, T, 576]
-        h = unpack(h, span.real)                    # packed: back to [B, T, 576], zeros at padding
+        h = unpack(h, span.real)                    # 打包过的：放回 [B, T, 576]，padding 处为零
         if last_only:
             h = h[torch.arange(B, device=h.device), self._last_real(B, T, attention_mask, h.device)]  # [B, 576]
         out = h if return_hidden else self.lm_head(h).float()                         # [B, (T,) 49152]
@@ -341,21 +329,21 @@ class Llama(nn.Module):
 
     @staticmethod
     def _last_real(B: int, T: int, mask: torch.Tensor | None, device) -> torch.Tensor:
-        """Index of each row's last real token (T - 1 unless the row is padded on the right)."""
+        """每一行最后一个真实 token 的下标（这一行右边没有 padding 时就是 T - 1）。"""
         if mask is None:
             return torch.full((B,), T - 1, dtype=torch.long, device=device)
         return (T - 1 - mask.to(device).bool().flip(1).long().argmax(1))
 
     def _span(self, B: int, T: int, cache: KVCache | None, mask: torch.Tensor | None) -> Span:
         limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if mask is None and (cache is None or not cache.ragged):   # the simple, common case
+        if mask is None and (cache is None or not cache.ragged):   # 简单、也最常见的情况
             start = cache.length if cache is not None else 0
             if start + T > limit:
                 raise ValueError(f"sequence too long: {start + T} positions (limit {limit})")
             return Span(self.rope_cos[start:start + T], self.rope_sin[start:start + T], start + T, start=start)
         dev = self.device
         m = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
-        rank = (m.long().cumsum(1) - 1).clamp(min=0)              # 0, 1, 2, ... over the real tokens
+        rank = (m.long().cumsum(1) - 1).clamp(min=0)              # 真实 token 依次编号 0, 1, 2, ...
         if cache is None:
             pos, cols, key_ok = rank, torch.arange(T, device=dev).expand(B, T), m
         else:
@@ -368,15 +356,15 @@ class Llama(nn.Module):
             key_ok = cache.valid[:, :int(cols.max()) + 1]
         S = key_ok.shape[1]
         key_col = torch.arange(S, device=dev)[None, None, :]                       # [1, 1, S]
-        mask4 = ((key_col <= cols[:, :, None]) & key_ok[:, None, :])              # causal and real
-        mask4 |= key_col == cols[:, :, None]       # a padding query sees itself (never an empty row)
+        mask4 = ((key_col <= cols[:, :, None]) & key_ok[:, None, :])              # 既符合因果顺序，又是真实 token
+        mask4 |= key_col == cols[:, :, None]       # padding 的 query 至少能看见自己（整行全遮住的话 softmax 会算出 NaN）
         return Span(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], S,
                     cols=cols if cache is not None else None, mask=mask4[:, None],
                     real=m if mask is not None else None)
 
     @staticmethod
     def _advance(cache: KVCache, T: int, mask: torch.Tensor | None) -> None:
-        """After a call: T more columns used (trailing padding excepted), real tokens counted as positions."""
+        """一次调用之后：已用列数加 T（末尾的 padding 不算），位置编号只按真实 token 往后数。"""
         if not cache.ragged:
             cache.length += T
             return
@@ -385,7 +373,7 @@ class Llama(nn.Module):
             cache.pos += T
         else:
             m = mask.to(cache.lengths.device).bool()
-            used = torch.where(m.any(1), T - m.flip(1).long().argmax(1), 0)     # up to the last real token
+            used = torch.where(m.any(1), T - m.flip(1).long().argmax(1), 0)     # 算到最后一个真实 token 为止
             cache.lengths += used
             cache.pos += m.sum(1)
         cache.length = int(cache.lengths.max())
