@@ -130,6 +130,18 @@ class KVCache:
         self.valid[rows] = False
         self.length = int(self.lengths.max()) if self.batch else 0
 
+    def load_prefix(self, row: int, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """前缀缓存：把一段算好的开头（每层一个 [kv_heads, P, head_dim] 的 K 和 V）复制进第 row 行。
+        这一行先清空，然后就像已经预填充过这 P 个 token：下一个 token 写在第 P 列、位置是 P。"""
+        self.reset_rows([row])
+        P = ks[0].shape[1] if ks else 0
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            self.k[layer][row, :, :P] = k
+            self.v[layer][row, :, :P] = v
+        self.lengths[row] = self.pos[row] = P
+        self.valid[row, :P] = True
+        self.length = int(self.lengths.max())
+
     def first_rows(self, n: int) -> "KVCache":
         """第 0..n-1 行的视图（切片和原缓存共用存储，不复制任何数据）：服务引擎只跑正在用的那几行。
         需要 ragged 缓存（先调用 reset_rows）。"""
