@@ -213,13 +213,38 @@ def test_mentioned_script_exists(script):
     assert (REPO_ROOT / script).is_file(), f"脚本 {script} 不存在，但这些文档提到了它：{', '.join(where)}"
 
 
-def test_readme_lists_all_five_lessons():
-    table = [ln for ln in README.read_text(encoding="utf-8").splitlines() if re.match(r"\|\s*`0\d_", ln)]
-    scripts = [SCRIPT_NAME_RE.search(ln).group(0) for ln in table]
-    lessons = sorted(p.name[:2] for p in README.parent.glob("0[1-9]_*.py"))   # every lesson script present
+LESSON_SCRIPT_RE = re.compile(r"\b\d\d_[A-Za-z0-9_]+\.py\b")   # 01_hello_llm.py ... also 10_x.py and later
+
+
+def lesson_scripts() -> list[str]:
+    return sorted(p.name for p in REPO_ROOT.glob("[0-9][0-9]_*.py"))
+
+
+def readme_lesson_table() -> list[str]:
+    return [ln for ln in README.read_text(encoding="utf-8").splitlines() if re.match(r"\|\s*`\d\d_", ln)]
+
+
+def test_readme_lists_every_lesson():
+    table = readme_lesson_table()
+    scripts = [LESSON_SCRIPT_RE.search(ln).group(0) for ln in table]
+    lessons = [name[:2] for name in lesson_scripts()]   # every lesson script present
     assert [s[:2] for s in scripts] == lessons, scripts
     for ln in table:  # every lesson runs without an API key
         assert "| 否 |" in ln, ln
+
+
+def test_readme_learning_path_covers_every_lesson_with_its_time():
+    """The learning path walks through every lesson script, each with the time the lesson table gives it."""
+    text = README.read_text(encoding="utf-8")
+    path = text.split("## 学习路径", 1)[1].split("\n## ", 1)[0]
+    times = {}
+    for ln in readme_lesson_table():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        times[LESSON_SCRIPT_RE.search(cells[0]).group(0)] = next(c for c in cells if re.fullmatch(r"约 .+", c))
+    assert sorted(times) == lesson_scripts()
+    for script, took in times.items():
+        assert script in path, f"README 的学习路径没有提到 {script}"
+        assert f"第 {script[:2]} 课（{took}）" in path, f"学习路径里第 {script[:2]} 课缺少“（{took}）”（课程表里的时间）"
 
 
 # --------------------------------------------------------------------------- links
