@@ -1,12 +1,12 @@
-"""LoRA (low-rank adaptation), written from scratch: lesson 05 teaches it, lesson 08 (DPO) reuses it.
+"""从零写起的 LoRA（低秩适配，low-rank adaptation）：第 5 课讲它，第 8 课（DPO）接着用它。
 
-    y = W x + (alpha / r) * B (A dropout(x))       W frozen; only A [r, in] and B [out, r] train
+    y = W x + (alpha / r) * B (A dropout(x))       W 冻结不动；只训练 A [r, in] 和 B [out, r]
 
-B starts at zero, so an injected model computes exactly what the base model computes until the
-first update. ``merge`` adds the low-rank delta into W (no extra cost at inference), ``unmerge``
-restores W bit for bit from a saved copy. ``adapters_disabled(model)`` switches every adapter off
-for a while: the model is then exactly the frozen base model, which is how DPO gets its reference
-model without a second copy of the weights.
+B 初始化为全零，所以刚注入 LoRA 的模型在第一次更新之前，算出的结果和原模型完全一样；r 远小于
+in 和 out，要训练的参数只占原来的一小部分。``merge`` 把低秩增量加进 W（推理时不再有额外开销），
+``unmerge`` 用保存的副本把 W 一位不差地恢复回来。``adapters_disabled(model)`` 暂时关掉所有
+适配器：这期间模型就是冻结的原模型——DPO 正是这样得到参考模型的，不需要再复制一份权重。
+（一个适配器只有 A 和 B，存成文件也很小：见 save_adapter / load_adapter。）
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from common.errors import UserError
 
-# short names of --targets -> module names inside each block of common/llama.py
+# --targets 里的简称 -> common/llama.py 每个 Block 里对应的模块名
 TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
@@ -29,26 +29,26 @@ TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "att
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.base = base                                   # the original layer, frozen
+        self.base = base                                   # 原来的那一层，冻结不训练
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         w = base.weight
         self.A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))   # the same random init as nn.Linear / PEFT
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))   # 和 nn.Linear / PEFT 一样的随机初始化
         self.dropout = nn.Dropout(dropout)
         self.merged = False
-        self.enabled = True                                # False: behave exactly like the base layer
-        self._saved_weight = None                          # copy of W before merge (unmerge restores it exactly)
+        self.enabled = True                                # False：表现得和原来那一层完全一样
+        self._saved_weight = None                          # merge 之前 W 的副本（unmerge 靠它精确恢复）
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged or not self.enabled:                # merged: delta already inside W
+        if self.merged or not self.enabled:                # merge 过了：增量早已加进 W 里
             return y
-        # A first (down to r dims), then B (back up to out): r*(in+out) multiply-adds instead of in*out
+        # 先乘 A（降到 r 维），再乘 B（升回 out 维）：只要 r*(in+out) 次乘加，而不是 in*out 次
         return y + (self.dropout(x) @ self.A.T @ self.B.T) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale              # [out, in], same shape as W, rank <= r
+        return (self.B @ self.A) * self.scale              # [out, in]，形状和 W 一样，秩 <= r
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore W bit for bit from the saved copy (W - delta would only be exact up to rounding)."""
+        """用保存的副本把 W 一位不差地恢复（用 W - delta 减回去会有舍入误差，不精确）。"""
         if self.merged:
             self.base.weight.copy_(self._saved_weight)
             self._saved_weight, self.merged = None, False
@@ -71,12 +71,12 @@ def parse_targets(text: str) -> list[str]:
     bad = [t for t in names if t not in TARGETS]
     if bad or not names:
         raise UserError(f"--targets 里有不认识的名字 {bad or text!r}：可选 {','.join(TARGETS)}（或 attn / mlp / all）。")
-    return list(dict.fromkeys(names))  # unique, order kept
+    return list(dict.fromkeys(names))  # 去掉重复，保持原来的顺序
 
 
 def inject_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> dict[str, LoRALinear]:
-    """Replace the chosen nn.Linear of every block by a LoRALinear. All original parameters are frozen
-    first, so afterwards only the A and B matrices train."""
+    """把每个 Block 里选中的 nn.Linear 换成 LoRALinear。事先把原模型的参数全部冻结，
+    所以之后只有 A 和 B 两个矩阵参与训练。"""
     model.requires_grad_(False)
     wrapped = {}
     for i, layer in enumerate(model.layers):
@@ -95,7 +95,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Inside the block every adapter is off: the model computes exactly the frozen base model."""
+    """在 with 块里所有适配器都关掉：模型算的就是冻结的原模型。"""
     mods = list(lora_modules(model).values())
     if any(m.merged for m in mods):
         raise RuntimeError("unmerge the adapters before disabling them")
@@ -110,8 +110,8 @@ def adapters_disabled(model: nn.Module):
 
 
 def save_adapter(model: nn.Module, path: Path, meta: dict) -> None:
-    """Save only A and B (safetensors), hyper-parameters in the file's metadata. Written to a temp file
-    and renamed, so an interruption never leaves half a file."""
+    """只保存 A 和 B（safetensors 格式），超参数写进文件的元数据。先写到临时文件再改名，
+    所以中途被打断也不会留下半个文件。"""
     from safetensors.torch import save_file
     tensors = {}
     for n, m in lora_modules(model).items():
@@ -124,7 +124,7 @@ def save_adapter(model: nn.Module, path: Path, meta: dict) -> None:
 
 
 def load_adapter(model: nn.Module, path: Path) -> dict:
-    """Read an adapter into a model injected with the same targets/rank; return its metadata."""
+    """把适配器读进一个用相同 targets/rank 注入过 LoRA 的模型；返回文件里的元数据。"""
     from safetensors import safe_open
     mods = lora_modules(model)
     with safe_open(str(path), framework="pt") as f:
