@@ -7,9 +7,11 @@
   2. 服务器：FastAPI + uvicorn（vLLM / SGLang 的 OpenAI 服务器也用它们），OpenAI 兼容的
      /v1/models、/v1/chat/completions（SSE 流式 / 非流式），/healthz、/readyz、/metrics
      （Prometheus），/v1/generate 与 SQLite 会话，API key / OAuth2 + JWT 认证，限流（429）。
-  3. 压测：1、2、4、8、16 个并发流式客户端，对比"一次只服务一个请求"和连续批处理的
+  3. 压测（--demo）：1、2、4、8、16 个并发流式客户端，对比"一次只服务一个请求"和连续批处理的
      总吞吐、首 token 延迟（TTFT）p50/p95、每 token 延迟 p50/p95——并用实测数字解释
      为什么批处理在"读内存受限"的解码阶段能成倍提高吞吐，又付出了什么延迟代价。
+     客户端、压测和报告在 common/loadtest.py（本课和 benchmarks/serve_load.py 共用）；
+     认证、限流、会话、指标和 HTTP 外围零件在 common/serving.py。
 
 用时：约 15 分钟阅读；--demo --quick 不到 1 分钟；--demo 完整压测约 3～5 分钟（2 核 CPU，空闲时）。
 不需要 API key。本地模型只懂英文，所以提示词用英文。
@@ -23,19 +25,37 @@
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import collections
+import os
+import secrets
 import threading
 import time
+import traceback
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
+from urllib.parse import parse_qs
 
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from common import loadtest
+from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int,
+                        positive_int, setup_run)
 from common.errors import UserError, run_cli
+from common.outputs import save_results
 from common.sampling import sample_next_token
+# Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
+# 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
+from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind, error_response,
+                            install_plumbing, settings_from_env, sse)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
@@ -106,11 +126,7 @@ class Engine:
         P = len(ids)
         if not P or len(job.prompt) <= P or job.prompt[:P] != ids:
             return
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            self.cache.k[layer][slot, :, :P] = k
-            self.cache.v[layer][slot, :, :P] = v
-        self.cache.lengths[slot] = self.cache.pos[slot] = P
-        self.cache.valid[slot, :P] = True
+        self.cache.load_prefix(slot, ks, vs)          # 缓存自己填这一行（K/V、长度、位置）
         job.fed = P                                   # 从前缀之后开始预填充
         self.prefix_hits += P
 
@@ -134,6 +150,22 @@ class Engine:
 
     def busy(self) -> tuple[int, int]:
         return len(self.waiting), sum(j is not None for j in self.slots)
+
+    def set_limit(self, n: int) -> None:
+        """最多同时运行几个序列（1 = 一次只服务一个请求）：压测用同一份引擎代码对比两种模式。"""
+        with self.cv:
+            self.limit = max(1, min(n, self.cache.batch))
+            self.cv.notify()
+
+    def reset_stats(self) -> None:
+        """计时统计清零（压测每一轮开始前）。"""
+        self.step_stats.clear()
+        self.prefill_stats = [0, 0.0]
+
+    def stats(self) -> dict:
+        """计时统计的只读副本：{"decode": {批大小: (步数, 秒)}, "prefill": (步数, 秒)}（纯解码步按批大小分）。"""
+        return {"decode": {b: tuple(v) for b, v in sorted(self.step_stats.items())},
+                "prefill": tuple(self.prefill_stats)}
 
     def start(self) -> "Engine":
         # 引擎线程是唯一跑模型的线程。坑（本课实测）：torch 的 CPU 并行用 OpenMP，OpenMP 给每个调用线程
@@ -169,7 +201,6 @@ class Engine:
             try:
                 self.step()
             except Exception:                 # 一步出错：结束当前这些请求，引擎继续服务后来的
-                import traceback
                 traceback.print_exc()
                 for job in [j for j in self.slots if j]:
                     self._finish(job, "error")
@@ -271,12 +302,6 @@ class Engine:
 
 
 # ================================================================ 第 2 部分：服务器（FastAPI）
-# Metrics、ApiError、Auth、RateLimiter、Sessions 是每个服务系统都有的“外围零件”，放在 common/serving.py；
-# 本课讲的是引擎（上面）和下面的 OpenAI 兼容路由。
-from common.serving import ApiError, Auth, Metrics, RateLimiter, Sessions  # noqa: E402
-
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
@@ -315,8 +340,6 @@ class Reply:
     """服务器这边的一个请求：把引擎线程送来的 token 变成文字片段（处理 stop 字符串和断开）。"""
 
     def __init__(self, srv: "Server", job: Job, stops: list[str]):
-        import asyncio
-
         self.srv, self.job, self.stops = srv, job, [s for s in stops if s]
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -326,8 +349,6 @@ class Reply:
 
     async def pieces(self, request: Request | None = None):
         """逐段产出文字。request 给出时（非流式）每秒检查一次客户端是否已断开。"""
-        import asyncio
-
         dec, sent = self.srv.lm.tokenizer.stream_decoder(), 0
         hold = max((len(s) for s in self.stops), default=1) - 1   # 可能是 stop 开头的尾巴先不发
         try:
@@ -405,6 +426,9 @@ class Server:
     def ready(self) -> bool:
         return self.lm is not None
 
+    def app(self) -> FastAPI:
+        return build_app(self)
+
     def guard(self, request: Request) -> str:
         """每个 /v1 请求先过这里：认证 → 限流 → 模型是否就绪。返回调用者身份。"""
         who = self.auth.identify(request.headers, request.client.host if request.client else "?")
@@ -448,54 +472,6 @@ class Server:
         return reply
 
 
-def _sse(obj) -> str:
-    import json
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error", code=None, headers=None, param=None):
-    from fastapi.responses import JSONResponse
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def on_api_error(request: Request, e: ApiError):
-    return _error(e.status, e.message, e.type, e.code, e.headers)
-
-
-async def on_invalid(request: Request, e):
-    """FastAPI 的校验错误：坏 JSON → 400，字段类型/取值不对 → 422。"""
-    errs = e.errors()
-    if any(x.get("type") == "json_invalid" for x in errs):
-        return _error(400, "请求体不是合法的 JSON", code="invalid_json")
-    where = ".".join(str(p) for p in errs[0].get("loc", ()) if p != "body")
-    return _error(422, f"参数 {where} 无效：{errs[0].get('msg')}", code="invalid_value", param=where)
-
-
-async def on_http_error(request: Request, e):
-    return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-
-
-class CountRequests:
-    """一个最简单的 ASGI 中间件：按路由和状态码数请求（llm_requests_total）。"""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        status = [500]
-
-        async def send_(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, send_)
-        finally:
-            if scope["type"] == "http":
-                self.metrics.requests.labels(getattr(scope.get("route"), "path", "other"), str(status[0])).inc()
-
-
 def srv_of(request: Request) -> Server:
     return request.app.state.srv
 
@@ -511,20 +487,16 @@ async def healthz():
 
 async def readyz(request: Request):
     if not srv_of(request).ready():
-        return _error(503, "模型还在加载", "server_error", "not_ready")
+        return error_response(503, "模型还在加载", "server_error", "not_ready")
     return {"status": "ready", "model": srv_of(request).model_id}
 
 
 async def metrics(request: Request):
-    from fastapi.responses import Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(srv_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def oauth_token(request: Request):
     """OAuth2 密码模式：表单 username/password → 有效期有限的 JWT（之后当 Bearer token 用）。"""
-    from urllib.parse import parse_qs
-
     auth = srv_of(request).auth
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     if form.get("grant_type", "password") != "password" or not auth.users:
@@ -540,8 +512,6 @@ async def list_models(request: Request, who: str = Depends(caller)):
 
 async def chat_completions(body: ChatRequest, request: Request, who: str = Depends(caller)):
     """OpenAI 兼容的对话接口：stream=true 时按 SSE 一块一块发，最后 data: [DONE]。"""
-    from fastapi.responses import StreamingResponse
-
     srv = srv_of(request)
     if body.model != srv.model_id:
         raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {srv.model_id}", code="model_not_found")
@@ -559,12 +529,12 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
     async def events():
         chunk = {**head, "object": "chat.completion.chunk"}
         first = {"role": "assistant", "content": ""}
-        yield _sse({**chunk, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
+        yield sse({**chunk, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
         async for piece in reply.pieces():
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-        yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish}]})
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish}]})
         if (body.stream_options or {}).get("include_usage"):
-            yield _sse({**chunk, "choices": [], "usage": reply.usage()})
+            yield sse({**chunk, "choices": [], "usage": reply.usage()})
         yield "data: [DONE]\n\n"
         remember()
 
@@ -606,12 +576,8 @@ async def delete_session(session_id: str, request: Request, who: str = Depends(c
 
 
 def build_app(srv: Server) -> FastAPI:
-    """把上面的函数挂到路径上。lifespan：启动时加载模型，所有连接结束后停引擎、关数据库。"""
-    from contextlib import asynccontextmanager
-
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
+    """把上面的函数挂到路径上。lifespan：启动时加载模型，所有连接结束后停引擎、关数据库。
+    install_plumbing：所有错误都按 OpenAI 的格式返回，每个请求都计数（common/serving.py）。"""
     @asynccontextmanager
     async def lifespan(app):
         srv.start()
@@ -620,10 +586,7 @@ def build_app(srv: Server) -> FastAPI:
 
     app = FastAPI(title="LLM 零基础实践教程 · 第 6 课", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.srv = srv
-    app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_invalid)
-    app.add_exception_handler(HTTPException, on_http_error)
-    app.add_middleware(CountRequests, metrics=srv.metrics)
+    install_plumbing(app, srv.metrics)
     for path, fn, methods in [("/healthz", healthz, ["GET"]), ("/readyz", readyz, ["GET"]),
                               ("/metrics", metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
                               ("/v1/models", list_models, ["GET"]),
@@ -636,81 +599,6 @@ def build_app(srv: Server) -> FastAPI:
 
 
 # ================================================================ 第 3 部分：启动服务器
-def bind(host: str, port: int):
-    """先自己绑定端口：端口被占用时给一句中文错误；port=0 让系统挑一个空闲端口（演示和测试用）。"""
-    import socket
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise UserError(f"无法监听 {host}:{port}（{e.strerror}）：端口被占用？换一个 --port。") from None
-    return sock
-
-
-class Running:
-    """在后台线程里运行的 uvicorn 服务器（--demo 和测试用）：with 块结束时优雅退出。"""
-
-    def __init__(self, srv: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 wait_ready: bool = True):
-        import uvicorn
-
-        self.srv, self.sock, self.wait_ready = srv, bind(host, port), wait_ready
-        self.port = self.sock.getsockname()[1]
-        self.base_url = f"http://{host}:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(srv), log_level=log_level,
-                                                    timeout_graceful_shutdown=10))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Running":
-        self.thread.start()
-        deadline = time.monotonic() + 300
-        while not (self.server.started and (self.srv.ready() or not self.wait_ready)):
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise UserError("服务器没能启动（见上面的日志）。")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self.sock.close()
-
-
-def settings_from_env(args) -> dict:
-    """认证、限流、会话库：命令行参数 > 环境变量 > 默认值。密钥只读不打印。"""
-    import os
-    import secrets
-
-    def number(name, default, kind=float):
-        text = (os.environ.get(name) or "").strip()
-        try:
-            value = kind(text) if text else default
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise UserError(f"环境变量 {name}={text!r} 无效：需要非负数。")
-        return value
-
-    keys = args.api_keys if args.api_keys is not None else os.environ.get("LLM_API_KEYS", "")
-    users = {}
-    for item in filter(None, (x.strip() for x in os.environ.get("LLM_USERS", "").split(","))):
-        name, sep, password = item.partition(":")
-        if not (sep and name and password):
-            raise UserError("环境变量 LLM_USERS 格式应为 用户名:密码,用户名:密码")
-        users[name] = password
-    secret = os.environ.get("LLM_JWT_SECRET") or ""
-    if users and not secret:
-        print("[认证] 没有设置 LLM_JWT_SECRET：本次用随机密钥签发 JWT（重启后旧 token 失效）。")
-    rpm = args.rate_limit_rpm if args.rate_limit_rpm is not None else number("LLM_RATE_LIMIT_RPM", 0, int)
-    return dict(auth=Auth([k.strip() for k in keys.split(",") if k.strip()], users,
-                          secret or secrets.token_urlsafe(32), number("LLM_JWT_EXPIRE_MINUTES", 30.0)),
-                rate_limit_rpm=rpm,
-                session_db=args.session_db or os.environ.get("LLM_SESSION_DB") or args.out_dir / "sessions.sqlite3")
-
-
 def load_model_of(args):
     """--checkpoint：第 04 课训练的小 GPT（它导出的 model.pt2 + 检查点里的权重）；否则本地 SmolLM2 / Qwen。"""
     if args.checkpoint:
@@ -721,7 +609,9 @@ def load_model_of(args):
 
 
 def make_server(args, lm=None, **overrides) -> Server:
-    settings = {**settings_from_env(args), **overrides}
+    """认证、限流、会话库按"命令行参数 > 环境变量 > 默认值"配置（common/serving.py 的 settings_from_env）。"""
+    settings = {**settings_from_env(args.api_keys, args.rate_limit_rpm, args.session_db,
+                                    args.out_dir / "sessions.sqlite3"), **overrides}
     if args.checkpoint and lm is None:           # 小模型加载只要一秒：当场加载，文件有问题立刻报错退出
         lm = load_model_of(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -733,8 +623,6 @@ def make_server(args, lm=None, **overrides) -> Server:
 
 def serve_forever(args) -> None:
     """python 06_serve.py：前台运行，Ctrl-C / SIGTERM 时停止接收新请求、等进行中的流结束、关数据库。"""
-    import uvicorn
-
     srv = make_server(args)
     auth = srv.auth
     if not auth.enabled:
@@ -747,331 +635,37 @@ def serve_forever(args) -> None:
     print(f"       试试：python 01_hello_llm.py --base-url http://{args.host}:{args.port}/v1    按 Ctrl-C 停止。")
     sock = bind(args.host, args.port)
     srv.stop_note = "[服务] 已停止：进行中的请求已结束，引擎已停，会话数据库已关闭。"
-    uvicorn.Server(uvicorn.Config(build_app(srv), log_level="info", timeout_graceful_shutdown=30)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(srv.app(), log_level="info", timeout_graceful_shutdown=30)).run(sockets=[sock])
 
 
 # ================================================================ 第 4 部分：演示（--demo）
-PROMPTS = [
-    "Name three colors.",
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain in one sentence why the sky is blue.",
-    "Give me two tips for learning a new language quickly and remembering new words.",
-    "Describe a cat to someone who has never seen one, using simple words.",
-    "List the planets of the solar system in order from the sun.",
-    "Tell me a short story about a robot who wants to become a painter.",
-]
-
-
-def banner(title: str) -> None:
-    print("\n" + "=" * 70 + f"\n{title}\n" + "=" * 70)
-
-
-def check(ok: bool, message: str) -> None:
-    """自检：不成立就以一句中文退出（非零退出码）。"""
-    if not ok:
-        raise UserError(f"自检失败：{message}")
-
-
-def http_get(url: str, key: str | None = None) -> str:
-    import urllib.request
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.read().decode("utf-8")
-
-
-def tour_auth(run: Running, client, user: tuple[str, str]) -> dict:
-    """OAuth2 换 JWT、错误的 key（401）、限流（429）。"""
-    import json
-    import urllib.request
-
-    import openai
-
-    form = f"grant_type=password&username={user[0]}&password={user[1]}".encode()
-    with urllib.request.urlopen(urllib.request.Request(run.base_url.removesuffix("/v1") + "/oauth/token", form)) as r:
-        token = json.loads(r.read())
-    jwt_models = openai.OpenAI(base_url=run.base_url, api_key=token["access_token"], max_retries=0).models.list()
-    print(f"\nOAuth2 密码模式：用户 {user[0]} 换到一个 JWT（{token['expires_in']} 秒后过期），用它列出模型："
-          f"{[m.id for m in jwt_models]}（token 本身不打印）")
-
-    status = {}
-    try:
-        openai.OpenAI(base_url=run.base_url, api_key="wrong-key", max_retries=0).models.list()
-    except openai.AuthenticationError as e:
-        status["401"] = e.status_code
-        print(f"错误的 key → {e.status_code}：{e.body['message'] if isinstance(e.body, dict) else e}")
-    run.srv.limiter.rpm = 3                         # 演示：临时把限流设成每分钟 3 次
-    try:
-        for i in range(4):
-            client.models.list()
-    except openai.RateLimitError as e:
-        status["429"] = e.status_code
-        print(f"每分钟限 3 次，第 {i + 1} 次 → {e.status_code}，Retry-After: {e.response.headers.get('retry-after')} 秒")
-    run.srv.limiter.rpm, run.srv.limiter.hits = 0, collections.defaultdict(collections.deque)
-    check(status == {"401": 401, "429": 429}, f"认证/限流没有按预期返回 401/429：{status}")
-    return status
-
-
-def tour(run: Running, key: str, user: tuple[str, str], n_tokens: int) -> dict:
-    """openai SDK 当客户端：流式、会话、JWT、401、429、/metrics。"""
-    import json
-
-    import openai
-    from prometheus_client.parser import text_string_to_metric_families
-
-    client = openai.OpenAI(base_url=run.base_url, api_key=key, max_retries=0)
-    banner("第 1 部分：用官方 openai SDK 访问我们自己的服务器")
-    print(f"地址 {run.base_url}，模型列表：{[m.id for m in client.models.list()]}")
-    print("流式回答：", end="", flush=True)
-    t0, first, pieces = time.perf_counter(), None, 0
-    for ch in client.chat.completions.create(model=run.srv.model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
-                                             max_tokens=n_tokens, temperature=0, stream=True):
-        if ch.choices and ch.choices[0].delta.content:
-            first = first or time.perf_counter() - t0
-            pieces += 1
-            print(ch.choices[0].delta.content, end="", flush=True)
-    print(f"\n  → {pieces} 个 SSE 片段，首 token 延迟 {first * 1000:.0f} ms")
-
-    sid, ask = f"demo-{uuid.uuid4().hex[:8]}", dict(model=run.srv.model_id, max_tokens=n_tokens, temperature=0)
-    r1 = client.chat.completions.create(messages=[{"role": "user", "content": "My name is Lin. Say hello to me."}],
-                                        extra_body={"session_id": sid}, **ask)
-    r2 = client.chat.completions.create(messages=[{"role": "user", "content": "What is my name?"}],
-                                        extra_body={"session_id": sid}, **ask)
-    history = json.loads(http_get(run.base_url + f"/sessions/{sid}", key))["messages"]
-    print(f"\n会话 {sid}：第二问的提示词有 {r2.usage.prompt_tokens} 个 token（第一问 {r1.usage.prompt_tokens} 个）"
-          f"——服务器把历史拼了进去。\n  第二问的回答：{r2.choices[0].message.content!r}；数据库里现在有 {len(history)} 条消息。")
-    check(len(history) == 4 and r2.usage.prompt_tokens > r1.usage.prompt_tokens, "会话历史没有保存或没有用上")
-
-    status = tour_auth(run, client, user)
-
-    families = {f.name: f for f in text_string_to_metric_families(http_get(run.base_url.removesuffix("/v1") + "/metrics"))}
-    value = {s.name: s.value for f in families.values() for s in f.samples}
-    print(f"\n/metrics（Prometheus 文本格式，{len(families)} 个指标族）：已生成 token "
-          f"{value['llm_generated_tokens_total']:.0f} 个，首 token 延迟的直方图里有 "
-          f"{value['llm_time_to_first_token_seconds_count']:.0f} 个样本，平均 "
-          f"{value['llm_time_to_first_token_seconds_sum'] / max(1, value['llm_time_to_first_token_seconds_count']) * 1000:.0f} ms")
-    return {"session_messages": len(history), "second_prompt_tokens": r2.usage.prompt_tokens,
-            "first_prompt_tokens": r1.usage.prompt_tokens, "status": status,
-            "generated_tokens": value["llm_generated_tokens_total"]}
-
-
-def one_client(base_url: str, key: str, model: str, plan: list[tuple[str, int]]) -> list[dict]:
-    """一个压测客户端：依次发 plan 里的流式请求，记录每个内容片段到达的时刻。"""
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
-    out = []
-    for prompt, n in plan:
-        t0, times, text, usage = time.perf_counter(), [], "", None
-        for ch in client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=n, temperature=0,
-                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
-            if ch.choices and ch.choices[0].delta.content:
-                times.append(time.perf_counter())
-                text += ch.choices[0].delta.content
-            usage = ch.usage or usage
-        out.append({"want": n, "tokens": usage.completion_tokens, "ttft": times[0] - t0, "text": text,
-                    "gaps": [b - a for a, b in zip(times, times[1:])], "times": times})
-    return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def load_round(run: Running, key: str, n_clients: int, per_client: int, max_tokens: int, seed: int) -> dict:
-    """n 个客户端同时开跑；总吞吐 = 所有生成的 token / 从开始到最后一个结束的时间。"""
-    import random
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = random.Random(seed * 1000 + n_clients)       # 两种模式用完全相同的请求
-    plans = [[(rng.choice(PROMPTS), rng.randint(max(1, max_tokens // 2), max_tokens)) for _ in range(per_client)]
-             for _ in range(n_clients)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(n_clients) as pool:
-        per = list(pool.map(lambda p: one_client(run.base_url, key, run.srv.model_id, p), plans))
-    seconds = time.perf_counter() - t0
-    records = [r for rs in per for r in rs]
-    # 稳态吞吐：只算"所有客户端都还在"的那段时间（到第一个客户端收完为止），不含最后的收尾阶段
-    full_until = min(rs[-1]["times"][-1] for rs in per)
-    window = 0.0
-    for r in records:                          # 每个请求按"收到的片段有几成在窗口内"折算 token 数
-        times = r.pop("times")
-        window += r["tokens"] * sum(t <= full_until for t in times) / len(times)
-    check(all(r["tokens"] == r["want"] for r in records), "有请求生成的 token 数不等于 max_tokens（ignore_eos）")
-    gaps = [g for r in records for g in r["gaps"]]
-    ttft = [r["ttft"] for r in records]
-    tokens = sum(r["tokens"] for r in records)
-    return {"clients": n_clients, "requests": len(records), "tokens": tokens, "seconds": round(seconds, 3),
-            "tok_s": tokens / seconds, "steady_tok_s": window / (full_until - t0),
-            "ttft_p50_ms": percentile(ttft, 50) * 1000,
-            "ttft_p95_ms": percentile(ttft, 95) * 1000, "tpot_p50_ms": percentile(gaps, 50) * 1000,
-            "tpot_p95_ms": percentile(gaps, 95) * 1000, "texts": [r["text"] for r in records]}
-
-
-def load_test(run: Running, key: str, clients: list[int], per_client: int, max_tokens: int, seed: int) -> dict:
-    """每个并发数先测"一次一个"（引擎只用 1 行），再测连续批处理；交替进行，机器负载的变化对两边一样。"""
-    from tqdm import tqdm
-
-    engine, rows = run.srv.engine, run.srv.engine.cache.batch
-    one_client(run.base_url, key, run.srv.model_id, [(PROMPTS[0], 2)])                 # 预热
-    out = {"one_at_a_time": [], "batching": []}
-    steps, alone = {}, {}                   # 连续批处理时按批大小的解码步；一次一个时的解码步 / 预填充步
-
-    def add(acc: dict, key, count_secs) -> None:
-        count, secs = acc.get(key, (0, 0.0))
-        acc[key] = (count + count_secs[0], secs + count_secs[1])
-    for n in tqdm(clients, desc="压测（并发客户端数）", unit="轮"):
-        for mode, limit in (("one_at_a_time", 1), ("batching", rows)):
-            engine.limit = limit
-            engine.step_stats.clear()
-            engine.prefill_stats = [0, 0.0]
-            out[mode].append(load_round(run, key, n, per_client, max_tokens, seed))
-            if mode == "batching":
-                for b, count_secs in engine.step_stats.items():
-                    add(steps, b, count_secs)
-            else:
-                add(alone, "decode", engine.step_stats.get(1, (0, 0.0)))
-                add(alone, "prefill", engine.prefill_stats)
-    engine.limit = rows
-    same = sum(a == b for x, y in zip(out["one_at_a_time"], out["batching"]) for a, b in zip(x["texts"], y["texts"]))
-    total = sum(len(x["texts"]) for x in out["batching"])
-    for mode in out.values():
-        for row in mode:
-            row.pop("texts")
-    out["step_ms"] = {b: 1000 * s / c for b, (c, s) in sorted(steps.items())}
-    out["alone_ms"] = {k: 1000 * s / c for k, (c, s) in alone.items() if c}
-    out["same_text"], out["compared"] = same, total
-    return out
-
-
-def report(load: dict, weight_mb: float | None, dtype: str = "fp32") -> dict:
-    """打印表格，并用本次实测的数字解释结果。返回要写进 results.json 的结论。"""
-    one, bat = load["one_at_a_time"], load["batching"]
-    print(f"\n{'并发':>4} | {'一次一个 tok/s':>14} {'TTFT p50/p95 ms':>17} | {'连续批处理 tok/s':>16} "
-          f"{'TTFT p50/p95 ms':>17} {'每 token p50/p95 ms':>19} | 倍数")
-    for a, b in zip(one, bat):
-        print(f"{a['clients']:>4} | {a['tok_s']:>14.1f} {a['ttft_p50_ms']:>8.0f}/{a['ttft_p95_ms']:<8.0f} | "
-              f"{b['tok_s']:>16.1f} {b['ttft_p50_ms']:>8.0f}/{b['ttft_p95_ms']:<8.0f} "
-              f"{b['tpot_p50_ms']:>9.0f}/{b['tpot_p95_ms']:<9.0f} | {b['tok_s'] / a['tok_s']:.2f}×")
-    speedup = {b["clients"]: b["tok_s"] / a["tok_s"] for a, b in zip(one, bat)}
-    top = max(speedup)
-    print(f"\n{top} 个并发客户端时，连续批处理的总吞吐是一次一个的 {speedup[top]:.2f} 倍"
-          f"（{bat[-1]['tok_s']:.1f} vs {one[-1]['tok_s']:.1f} tokens/s）。")
-    steady = {b["clients"]: b["steady_tok_s"] / a["steady_tok_s"] for a, b in zip(one, bat)}
-    print(f"  只算 {top} 个客户端都在线的那段时间（去掉最后几个请求收尾、批变小的阶段）：{steady[top]:.2f} 倍"
-          f"（{bat[-1]['steady_tok_s']:.1f} vs {one[-1]['steady_tok_s']:.1f} tokens/s）。"
-          f"每个客户端发的请求越多，收尾占比越小，两个数越接近。")
-    steps = load["step_ms"]
-    if 1 in steps and len(steps) > 1:
-        big = max(steps)
-        ratio = steps[big] / steps[1]
-        print(f"为什么：解码时每一步都要把全部权重从内存读一遍。实测纯解码的一步，批大小 1 用 {steps[1]:.0f} ms，"
-              f"批大小 {big} 用 {steps[big]:.0f} ms——{big} 倍的 token 只多花了 {ratio:.2f} 倍时间，"
-              f"每个 token 的时间降到批大小 1 时的 {ratio / big:.2f} 倍。")
-        if weight_mb:
-            print(f"  （批大小 1 时一步读约 {weight_mb:.0f} MB 权重，相当于 {weight_mb / steps[1]:.1f} GB/s："
-                  f"这一步是'读内存受限'，计算单元大多在等数据；多放几行进来，读一次权重就能多算几个 token。）")
-    ceil = ceiling(load, 8 if 8 in speedup else top)
-    if ceil:
-        rows = ceil["rows"]
-        print(f"上限（用本次测到的数估算，{ceil['clients']} 个客户端）：一次一个时每个请求 = 一次预填充 "
-              f"{ceil['prefill_ms']:.0f} ms + {ceil['tokens_per_request'] - 1:.1f} 个解码步 × {ceil['decode1_ms']:.0f} ms。"
-              f"连续批处理能把解码步分给 {rows} 行（批大小 {rows} 一步 {ceil['decode_rows_ms']:.0f} ms），但预填充主要是算力，"
-              f"批处理省不了多少。假设一点也省不了，就算每一步都坐满 {rows} 行，倍数也只有约 {ceil['max_speedup']:.2f}"
-              f"（实测 {speedup[ceil['clients']]:.2f}；预填充和解码挤在同一步时能共用一次读权重，所以实测可以略高于它）；"
-              f"回答越长，预填充的占比越小，上限越接近纯解码的 {ceil['pure_decode_speedup']:.1f} 倍。")
-    gains = [b["tok_s"] / a["tok_s"] for a, b in zip(bat, bat[1:])]
-    i = next((i for i in range(1, len(bat)) if all(g < 1.25 for g in gains[i - 1:])), None)  # 此后每步都 < 1.25 倍
-    flat = bat[i]["clients"] if i else None
-    if flat:
-        gain = bat[i]["tok_s"] / bat[i - 1]["tok_s"]
-        why = ("批大了以后矩阵乘变成'算力受限'，2 个核心的算力用满了，再加上注意力和 padding 的开销"
-               if gain >= 1 else "吞吐反而下降了：多半是别的程序在抢 CPU（看看结尾的机器负载）")
-        print(f"曲线在 {bat[i - 1]['clients']} → {flat} 个客户端时变平（吞吐 ×{gain:.2f}）：{why}。")
-    else:
-        print("在测到的范围内，吞吐还在随并发数明显上升（没有变平）。")
-    a, b, c = bat[0], bat[-1], one[-1]
-    grew = "变成" if b["tpot_p50_ms"] > a["tpot_p50_ms"] else "（这次没有变长）仍是"
-    print(f"代价是延迟：每 token 间隔 p50 从 {a['clients']} 个客户端时的 {a['tpot_p50_ms']:.0f} ms {grew} "
-          f"{b['clients']} 个时的 {b['tpot_p50_ms']:.0f} ms（每步要算的行更多；新请求的预填充也插在解码步里）。")
-    print(f"一次一个时，{c['clients']} 个客户端的 TTFT p95 是 {c['ttft_p95_ms'] / 1000:.1f} 秒（排队等前面的人走完），"
-          f"连续批处理是 {b['ttft_p95_ms'] / 1000:.1f} 秒"
-          + ("：新请求下一步就能加入。" if b["ttft_p95_ms"] < c["ttft_p95_ms"] else "：这次并没有更短（机器太忙？）。"))
-    why = ("int8 的激活量化按整个批算缩放系数，同一个请求和谁同批，舍入就不同；所以'批处理 == 单独算'只在 fp32 上检查"
-           if dtype == "int8" else "批量计算的浮点舍入和单独算有 1e-5 级差别，两个 token 分数几乎相等时会选得不同")
-    print(f"两种模式下同一请求的贪心输出逐字相同：{load['same_text']}/{load['compared']}"
-          + ("。" if load["same_text"] == load["compared"] else f"（不同的那几个：{why}）。"))
-    return {"speedup": speedup, "speedup_steady": steady, "flattens_at": flat, "ceiling": ceil}
-
-
-def ceiling(load: dict, clients: int) -> dict | None:
-    """c 个客户端时倍数的估算上限：假设预填充的时间批处理一点也省不了，解码步最多分给 b = min(c, 测到的最大批) 行。"""
-    alone, steps = load.get("alone_ms", {}), load["step_ms"]
-    row = next((r for r in load["batching"] if r["clients"] == clients), None)
-    b = min(clients, max(steps, default=0))
-    if row is None or "decode" not in alone or "prefill" not in alone or b not in steps:
-        return None
-    n, P, d1, db = row["tokens"] / row["requests"], alone["prefill"], alone["decode"], steps[b]
-    return {"clients": clients, "rows": b, "tokens_per_request": n, "prefill_ms": P, "decode1_ms": d1,
-            "decode_rows_ms": db, "max_speedup": (P + (n - 1) * d1) / (P + (n - 1) * db / b),
-            "pure_decode_speedup": b * d1 / db}
-
-
-def plot(load: dict, path) -> None:
-    from common.plots import new_figure, save_figure
-
-    fig, (ax1, ax2) = new_figure(2)
-    for mode, label in (("one_at_a_time", "one at a time"), ("batching", "continuous batching")):
-        rows = load[mode]
-        x = [r["clients"] for r in rows]
-        ax1.plot(x, [r["tok_s"] for r in rows], "o-", label=label)
-        ax2.plot(x, [r["ttft_p50_ms"] / 1000 for r in rows], "o-", label=f"{label} p50")
-        ax2.plot(x, [r["ttft_p95_ms"] / 1000 for r in rows], "s--", label=f"{label} p95")
-    ax1.set(xlabel="concurrent streaming clients", ylabel="aggregate tokens/s", title="Throughput", xscale="log")
-    ax2.set(xlabel="concurrent streaming clients", ylabel="seconds", title="Time to first token", xscale="log",
-            yscale="log")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    print(f"图已保存：{save_figure(fig, path)}")
-
-
 def demo(args) -> int:
-    import os
-    import secrets
-
-    from common.outputs import save_results
-
-    clients = args.clients or ([1, 4] if args.quick else [1, 2, 4, 8, 16])
-    per_client = args.requests_per_client or (1 if args.quick else 2)
-    load_tokens = args.load_tokens or (8 if args.quick else 32)
+    """进程内启动服务器（认证开启），用 common/loadtest.py 的导览和压测当客户端，最后解读并保存结果。"""
     key, user = "sk-demo-" + secrets.token_urlsafe(16), ("student", secrets.token_urlsafe(12))
-    db = args.out_dir / "demo_sessions.sqlite3"
     # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）
-    srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30), session_db=db)
+    srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30),
+                      session_db=args.out_dir / "demo_sessions.sqlite3")
     print(f"[演示] 进程内启动服务器（认证开启：一个随机 API key 和用户 {user[0]}，都不打印）……")
     t0 = time.perf_counter()
     with Running(srv) as run:
-        facts = tour(run, key, user, 12 if args.quick else 24)
-        banner(f"第 2 部分：压测——{','.join(map(str, clients))} 个并发流式客户端，每个发 {per_client} 个请求，"
-               f"每个请求 {max(1, load_tokens // 2)}～{load_tokens} 个 token")
+        facts = loadtest.tour(run, key, user, args.tour_tokens)
+        loadtest.banner(f"第 2 部分：压测——{','.join(map(str, args.clients))} 个并发流式客户端，每个发 "
+                        f"{args.requests_per_client} 个请求，每个请求 {max(1, args.load_tokens // 2)}～{args.load_tokens} 个 token")
         print(f"同一台服务器、同一份引擎代码：'一次一个' = 引擎只用 KV 缓存的 1 行；'连续批处理' = 最多 "
               f"{srv.engine.cache.batch} 行。KV 缓存预分配 {srv.engine.cache.nbytes_allocated() / 2**20:.0f} MB。")
-        load = load_test(run, key, clients, per_client, load_tokens, args.seed)
+        load = loadtest.load_test(run, key, args.clients, args.requests_per_client, args.load_tokens, args.seed)
         prompt_tokens = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
         load["prefix_cached_tokens"], load["prompt_tokens"] = srv.engine.prefix_hits, prompt_tokens
         if srv.engine.prefix:
             print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
                   f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
     weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
-    findings = report(load, weight_mb, args.dtype)
-    plot(load, args.out_dir / "serve_load.png")
+    findings = loadtest.report(load, weight_mb, args.dtype)
+    loadtest.plot(load, args.out_dir / "serve_load.png")
     path = save_results(args.out_dir, {
         "tour": facts, "load": load, **findings, "settings": {
-            "clients": clients, "requests_per_client": per_client, "load_tokens": load_tokens, "dtype": args.dtype,
-            "max_batch": args.max_batch, "threads": torch.get_num_threads()},
+            "clients": args.clients, "requests_per_client": args.requests_per_client, "load_tokens": args.load_tokens,
+            "dtype": args.dtype, "max_batch": args.max_batch, "threads": torch.get_num_threads()},
         "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1)})
     print(f"结果已保存：{path}（机器负载 {os.getloadavg()[0]:.2f}；别的程序占用 CPU 时数字会偏低）")
     return 0
@@ -1079,18 +673,13 @@ def demo(args) -> int:
 
 # ================================================================ 第 5 部分：命令行
 def port_type(text: str) -> int:
-    import argparse
-
-    from common.cli import positive_int
     value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"端口需要在 1～65535 之间（收到 {value}）")
     return value
 
 
-def build_parser():
-    from common.cli import add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int, positive_int
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = course_parser(NAME, __doc__, groups=("local",))
     s = p.add_argument_group("服务器")
     s.add_argument("--host", default="127.0.0.1", help="监听地址（0.0.0.0 = 对外开放，务必配置认证）")
@@ -1109,17 +698,16 @@ def build_parser():
     add_max_new_tokens(p, 256, "请求没写 max_tokens 时最多生成多少个新 token")
     d = p.add_argument_group("演示与压测（--demo）")
     d.add_argument("--demo", action="store_true", help="运行本课演示：进程内启动服务器，用 openai SDK 当客户端，最后压测")
-    d.add_argument("--clients", type=int_list, default=None, help="压测的并发客户端数（默认 1,2,4,8,16；--quick 为 1,4）")
-    d.add_argument("--requests-per-client", type=positive_int, default=None, help="每个客户端连续发几个请求（默认 2；--quick 为 1）")
-    d.add_argument("--load-tokens", type=positive_int, default=None,
-                   help="压测中每个请求最多生成的 token 数（实际长度在它的一半到它之间随机，默认 32；--quick 为 8）")
-    return p
+    add_knob(d, "--clients", type=int_list, default=[1, 2, 4, 8, 16], quick=[1, 4], help="压测的并发客户端数，逗号分隔")
+    add_knob(d, "--requests-per-client", type=positive_int, default=2, quick=1, help="每个客户端连续发几个请求")
+    add_knob(d, "--load-tokens", type=positive_int, default=32, quick=8,
+             help="压测中每个请求最多生成的 token 数（实际长度在它的一半到它之间随机）")
+    add_knob(d, "--tour-tokens", type=positive_int, default=24, quick=12, help="导览（流式回答、会话）每个回答最多生成的 token 数")
+    return p.parse_args(argv)
 
 
-def main() -> int | None:
-    from common.cli import setup_run
-
-    args = build_parser().parse_args()
+def main(argv=None) -> int | None:
+    args = parse_args(argv)
     args.torch_device = setup_run(args)
     if not args.demo:
         serve_forever(args)

@@ -13,6 +13,8 @@ import collections
 import hashlib
 import hmac
 import json
+import os
+import secrets
 import socket
 import sqlite3
 import threading
@@ -217,6 +219,38 @@ class Sessions:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+
+def _env_number(name: str, default, kind=float):
+    text = (os.environ.get(name) or "").strip()
+    try:
+        value = kind(text) if text else default
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"环境变量 {name}={text!r} 无效：需要非负数。")
+    return value
+
+
+def settings_from_env(api_keys: str | None, rate_limit_rpm: int | None, session_db, default_session_db) -> dict:
+    """Authentication, rate limit and session database: command-line value > environment variable > default.
+    Returns the Server keyword arguments auth, rate_limit_rpm and session_db. Secrets are read, never printed."""
+    keys = api_keys if api_keys is not None else os.environ.get("LLM_API_KEYS", "")
+    users = {}
+    for item in filter(None, (x.strip() for x in os.environ.get("LLM_USERS", "").split(","))):
+        name, sep, password = item.partition(":")
+        if not (sep and name and password):
+            raise UserError("环境变量 LLM_USERS 格式应为 用户名:密码,用户名:密码")
+        users[name] = password
+    secret = os.environ.get("LLM_JWT_SECRET") or ""
+    if users and not secret:
+        print("[认证] 没有设置 LLM_JWT_SECRET：本次用随机密钥签发 JWT（重启后旧 token 失效）。")
+    rpm = rate_limit_rpm if rate_limit_rpm is not None else _env_number("LLM_RATE_LIMIT_RPM", 0, int)
+    return dict(auth=Auth([k.strip() for k in keys.split(",") if k.strip()], users,
+                          secret or secrets.token_urlsafe(32), _env_number("LLM_JWT_EXPIRE_MINUTES", 30.0)),
+                rate_limit_rpm=rpm,
+                session_db=session_db or os.environ.get("LLM_SESSION_DB") or default_session_db)
 
 
 # ------------------------------------------------------------------ generic HTTP plumbing

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from common import loadtest
+from common.serving import RateLimiter
+
 serve = importlib.import_module("06_serve")
 
 KEY = "test-key-3f9a1c77"
@@ -118,6 +121,82 @@ def test_engine_rejects_too_long_and_full_queue(local_fp32):
         engine.submit(serve.Job([1, 2, 3], 2))
 
 
+def test_kv_cache_load_prefix_equals_prefilling_the_prefix(local_fp32):
+    """KVCache.load_prefix fills a reused row (stale contents, other rows busy) exactly as prefilling the prefix
+    there would: the next token's logits match, and the row's length, position and valid columns are the prefix's."""
+    import torch
+
+    model, tok = local_fp32.model, local_fp32.tokenizer
+    prefix = tok.apply_chat_template([], add_generation_prompt=False)
+    rest = tok.apply_chat_template([{"role": "user", "content": "Hi"}])[len(prefix):]
+    P = len(prefix)
+    alone = model.new_cache(1, P)
+    with torch.inference_mode():
+        model(torch.tensor([prefix]), cache=alone)
+        ks, vs = [k[0, :, :P].clone() for k in alone.k], [v[0, :, :P].clone() for v in alone.v]
+        ref = model.new_cache(1, 2 * P + 8)
+        want = model(torch.tensor([prefix + rest]), cache=ref, last_only=True)[0]
+        cache = model.new_cache(2, 2 * P + 8)
+        cache.reset_rows([0, 1])
+        model(torch.randint(0, 1000, (2, 7)), cache=cache)          # row 1 holds stale tokens
+        cache.load_prefix(1, ks, vs)
+        assert int(cache.lengths[1]) == int(cache.pos[1]) == P and int(cache.valid[1].sum()) == P
+        assert int(cache.lengths[0]) == 7                             # the other row is untouched
+        mask = torch.tensor([[0] * len(rest), [1] * len(rest)])
+        ids = torch.tensor([rest, rest])
+        got = model(ids, cache=cache, attention_mask=mask, last_only=True)[1]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_engine_limit_and_stats_accessors(local_fp32):
+    """set_limit(1) serves one request at a time (every decode step has batch size 1); stats() is a copy the
+    caller cannot corrupt; reset_stats() empties it; set_limit never exceeds the cache's rows."""
+    tok = local_fp32.tokenizer
+    engine = serve.Engine(local_fp32.model, max_batch=3, max_len=64, prefill_chunk=16)
+    engine.set_limit(1)
+    engine.start()
+    done = threading.Semaphore(0)
+    try:
+        for p in ("Hi", "Name a fruit.", "Say yes."):
+            engine.submit(serve.Job(tok.apply_chat_template([{"role": "user", "content": p}]), 3,
+                                    on_event=lambda kind, v: done.release() if kind == "done" else None))
+        for _ in range(3):
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    stats = engine.stats()
+    assert set(stats["decode"]) == {1} and stats["decode"][1][0] > 0 and stats["prefill"][0] >= 3
+    stats["decode"].clear()
+    assert engine.stats()["decode"], "stats() must return a copy"
+    engine.reset_stats()
+    assert engine.stats() == {"decode": {}, "prefill": (0, 0.0)}
+    engine.set_limit(99)
+    assert engine.limit == 3
+
+
+def test_rate_limiter_set_rpm_and_reset():
+    limiter = RateLimiter(0)
+    for _ in range(5):
+        limiter.check("a")                                    # off
+    limiter.set_rpm(2)
+    limiter.check("a")
+    limiter.check("a")
+    with pytest.raises(serve.ApiError) as e:
+        limiter.check("a")
+    assert e.value.status == 429
+    limiter.check("b")                                        # per caller
+    limiter.reset()
+    limiter.check("a")                                        # a fresh minute
+
+
+def test_parse_args_knobs_follow_quick():
+    quick = serve.parse_args(["--demo", "--quick"])
+    full = serve.parse_args(["--demo"])
+    assert (quick.clients, quick.requests_per_client, quick.load_tokens, quick.tour_tokens) == ([1, 4], 1, 8, 12)
+    assert (full.clients, full.requests_per_client, full.load_tokens, full.tour_tokens) == ([1, 2, 4, 8, 16], 2, 32, 24)
+    assert serve.parse_args(["--quick", "--clients", "2,3", "--load-tokens", "5"]).clients == [2, 3]
+
+
 # ------------------------------------------------------------------ the OpenAI-compatible API
 def test_stream_and_non_stream_match_the_reference(running, local_fp32):
     import openai
@@ -197,7 +276,7 @@ def test_rate_limit_429_with_retry_after(running):
     import openai
 
     limiter = running.srv.limiter
-    limiter.rpm = 2
+    limiter.set_rpm(2)
     try:
         client = openai.OpenAI(base_url=running.base_url, api_key=KEY, max_retries=0)
         client.models.list()
@@ -207,8 +286,8 @@ def test_rate_limit_429_with_retry_after(running):
         assert int(e.value.response.headers["retry-after"]) >= 1
         assert e.value.body["code"] == "rate_limit_exceeded"
     finally:
-        limiter.rpm = 0
-        limiter.hits.clear()
+        limiter.set_rpm(0)
+        limiter.reset()
 
 
 def test_bad_requests_400_422_404(running):
@@ -471,7 +550,7 @@ def test_report_ceiling_is_between_one_and_the_pure_decode_ratio():
                 "batching": [{"clients": 8, "tokens": 8 * 25, "requests": 8}]}
 
     pure = 8 * 25.0 / 40.0
-    bounds = [serve.ceiling(load(p), 8)["max_speedup"] for p in (0.0, 40.0, 400.0)]
+    bounds = [loadtest.ceiling(load(p), 8)["max_speedup"] for p in (0.0, 40.0, 400.0)]
     assert bounds[0] == pytest.approx(pure)
     assert pure > bounds[1] > bounds[2] > 1.0
-    assert serve.ceiling(load(40.0), 4) is None          # no batching row for 4 clients, no bound
+    assert loadtest.ceiling(load(40.0), 4) is None          # no batching row for 4 clients, no bound
