@@ -27,7 +27,7 @@ import unicodedata
 
 import torch
 
-from common.cli import (course_parser, add_max_new_tokens, float_list, non_negative_float, non_negative_int,
+from common.cli import (add_knob, course_parser, float_list, non_negative_float, non_negative_int,
                         parts_type, positive_int, probability, setup_run)
 from common.client import client_from_args
 from common.errors import UserError, run_cli
@@ -58,8 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--temperatures", type=float_list, default="0,0.7,1.5", help="第 3 部分对比的温度，逗号分隔")
     p.add_argument("--top-k", type=non_negative_int, default=50, help="只在概率最高的 k 个 token 里抽（0 = 不限；仅本地模型）")
     p.add_argument("--top-p", type=probability, default=0.9, help="只在累计概率达到 p 的最小集合里抽（1 = 不限）")
-    add_max_new_tokens(p, None, "第 1 部分最多生成多少个新 token（默认 120，--quick 为 40）")
-    p.add_argument("--steps", type=positive_int, default=None, help="第 2 部分演示几步（默认 6，--quick 为 3）")
+    add_knob(p, "--max-new-tokens", type=positive_int, default=120, quick=40, help="第 1 部分最多生成多少个新 token")
+    add_knob(p, "--steps", type=positive_int, default=6, quick=3, help="第 2 部分演示几步")
+    add_knob(p, "--compare-tokens", type=positive_int, default=48, quick=24, help="第 3 部分：每个温度生成多少个 token")
+    add_knob(p, "--compare-seeds", type=positive_int, default=2, quick=1,
+             help="第 3 部分：每个温度用几个种子（--seed、--seed+1……）")
     p.add_argument("--sentence", default=DEFAULT_SENTENCE, help="第 5 部分观察注意力的句子（英文）")
     p.add_argument("--focus", default="it", help="第 5 部分观察哪个词的注意力（找不到就用最后一个 token）")
     p.add_argument("--layer", type=int, default=13, help="第 5 部分看第几层的注意力（0 起数，共 30 层）")
@@ -67,8 +70,6 @@ def parse_args(argv=None):
     p.add_argument("--openai-encoding", action="store_true", help="第 4 部分：即使没有缓存也尝试下载 OpenAI 的 tiktoken 编码（需联网）")
     a = p.parse_args(argv)
     a.parts = a.part
-    a.max_new_tokens = a.max_new_tokens or (40 if a.quick else 120)
-    a.steps = a.steps or (3 if a.quick else 6)
     if not a.prompt.strip() or not a.sentence.strip():
         p.error("--prompt 和 --sentence 不能为空：请给一句英文")
     return a
@@ -223,8 +224,8 @@ def part_temperature(lm, args, prompt_ids, logits):
     print("温度把 logits 除以 T 再做 softmax：T 越小分布越'尖'（更确定），T 越大越'平'（更随机），T=0 就是每次选最大的。")
     rows = temperature_table(logits, args.temperatures, args.top_k, args.top_p)
     print_temperature_table(tok, rows, args, lm.config.vocab_size)
-    n_new = 24 if args.quick else 48
-    seeds = [args.seed] if args.quick else [args.seed, args.seed + 1]
+    n_new = args.compare_tokens
+    seeds = [args.seed + i for i in range(args.compare_seeds)]
     print(f"\n同一个提问，不同温度各生成 {n_new} 个 token（种子 {seeds}，top-k {args.top_k}，top-p {args.top_p}）：")
     samples = {}
     for t in args.temperatures:

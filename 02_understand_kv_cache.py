@@ -28,8 +28,8 @@ import timeit
 import numpy as np
 import torch
 
-from common.cli import add_max_new_tokens, course_parser, int_list, parts_type, positive_int, setup_run
-from common.errors import UserError, run_cli
+from common.cli import add_knob, course_parser, int_list, parts_type, positive_int, setup_run
+from common.errors import UserError, require, run_cli
 from common.outputs import save_results
 from common.plots import new_figure, save_figure
 
@@ -133,8 +133,8 @@ def toy_macs(n: int, d: int) -> tuple[int, int]:
 
 def check_toy_same(a: np.ndarray, b: np.ndarray) -> float:
     """自检：缓存只是省掉重复计算，输出必须和不缓存的一样（allclose）。返回最大差。"""
-    if not np.allclose(a, b, rtol=1e-9, atol=1e-9):
-        raise UserError(f"自检失败：玩具的缓存版和不缓存版输出不同（最大差 {np.abs(a - b).max():.2e}），缓存逻辑写错了。")
+    require(np.allclose(a, b, rtol=1e-9, atol=1e-9),
+            f"玩具的缓存版和不缓存版输出不同（最大差 {np.abs(a - b).max():.2e}），缓存逻辑写错了。")
     return float(np.abs(a - b).max())
 
 
@@ -202,8 +202,8 @@ def greedy_timed(lm, prompt_ids: list[int], n: int, use_cache: bool, desc: str) 
 def check_same_tokens(tok_c: list[int], tok_n: list[int], dtype: str) -> int | None:
     """自检：fp32 下有缓存和无缓存必须逐个 token 相同。返回第一个不同的位置（int8 允许分叉，只报告）。"""
     first_diff = next((i for i, (x, y) in enumerate(zip(tok_c, tok_n)) if x != y), None)
-    if first_diff is not None and dtype == "fp32":
-        raise UserError(f"自检失败：fp32 下有缓存和无缓存生成的 token 从第 {first_diff} 个起不同，KV 缓存的实现有错。")
+    require(first_diff is None or dtype != "fp32",
+            f"fp32 下有缓存和无缓存生成的 token 从第 {first_diff} 个起不同，KV 缓存的实现有错。")
     return first_diff
 
 
@@ -396,8 +396,7 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per: int
 
 def check_kv_formula(formula: int, measured: float) -> None:
     """自检：公式算出的每 token 字节数必须等于缓存张量实际占用的。"""
-    if formula != measured:
-        raise UserError(f"自检失败：KV 缓存公式 {formula} 字节/token 和实测 {measured:.0f} 字节/token 不一致。")
+    require(formula == measured, f"KV 缓存公式 {formula} 字节/token 和实测 {measured:.0f} 字节/token 不一致。")
 
 
 def published_table() -> list[dict]:
@@ -452,18 +451,15 @@ def part_memory(args, device) -> dict:
 def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("local",))
     p.add_argument("--part", type=parts_type(PARTS), default="all", help="运行哪些部分：all，或 toy / real / memory（也可写 1,2,3），逗号分隔")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="玩具：最长生成步数（默认 512，--quick 为 128）")
-    p.add_argument("--d-model", type=positive_int, default=None, help="玩具：向量维度（默认 256，--quick 为 64）")
-    add_max_new_tokens(p, None, "真实模型：生成多少个新 token（默认 256，--quick 为 24）")
-    p.add_argument("--lengths", type=int_list, default=None,
-                   help="真实模型：在哪些长度上报告加速比，逗号分隔，都不能超过 --max-new-tokens（默认 32,64,128,256；--quick 为 8,16）")
+    add_knob(p, "--seq-len", type=positive_int, default=512, quick=128, help="玩具：最长生成步数")
+    add_knob(p, "--d-model", type=positive_int, default=256, quick=64, help="玩具：向量维度")
+    add_knob(p, "--max-new-tokens", type=positive_int, default=256, quick=24, help="真实模型：生成多少个新 token")
+    add_knob(p, "--lengths", type=int_list, default=(32, 64, 128, 256), quick=(8, 16),
+             help="真实模型：在哪些长度上报告加速比，逗号分隔，都不能超过 --max-new-tokens（不填时只取不超过它的那些）")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="英文提示词（本地模型只懂英文）")
     a = p.parse_args(argv)
-    a.seq_len = a.seq_len or (128 if a.quick else 512)
-    a.d_model = a.d_model or (64 if a.quick else 256)
-    a.max_new_tokens = a.max_new_tokens or (24 if a.quick else 256)
-    if a.lengths is None:
-        a.lengths = [x for x in ([8, 16] if a.quick else [32, 64, 128, 256]) if x <= a.max_new_tokens]
+    if isinstance(a.lengths, tuple):                 # 没填 --lengths（内置默认是元组，int_list 给的是列表）
+        a.lengths = [x for x in a.lengths if x <= a.max_new_tokens]
     if a.lengths and max(a.lengths) > a.max_new_tokens:
         p.error(f"--lengths 里的 {max(a.lengths)} 超过了 --max-new-tokens {a.max_new_tokens}：请调大 --max-new-tokens 或去掉它")
     if a.seq_len < 2:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import (add_max_new_tokens, course_parser, existing_dir, existing_file, non_negative_int,
+from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_dir, existing_file, non_negative_int,
                         positive_int, setup_run)
-from common.errors import UserError, run_cli
+from common.errors import require, run_cli
 from common.outputs import REPO_ROOT, save_results
 from common.retrieval import (BM25, DATA_DIR, MIN_COSINE, RETRIEVERS, KnowledgeBase, chunk_all, cosine,
                               default_chunk_tokenizer, dense_index, load_docs, load_questions)
@@ -43,11 +43,6 @@ from common.retrieval import (BM25, DATA_DIR, MIN_COSINE, RETRIEVERS, KnowledgeB
 NAME = "03_hands_on_rag"
 DEFAULT_QUESTION = {"en": "How many days of paid sick leave do I get per year?", "zh": "每年有几天带薪病假？"}
 SWEEP_SIZES = (64, 128, 256)  # 完整运行：比较这几种块大小（重叠 = 块大小的 1/4）
-
-
-class SelfCheckFailed(UserError):
-    """自检（不变式）没通过：说明代码有 bug，不是数据的问题。"""
-    exit_code = 1
 
 
 # ---------------------------------------------------------------- 第 1~3 步：读入、切块、建索引
@@ -68,8 +63,7 @@ def check_chunks(docs, chunks, chunk_size: int) -> None:
         ok = (cs and cs[0].start == 0 and cs[-1].end == len(d.text)
               and all(c.text == d.text[c.start:c.end] and c.n_tokens <= chunk_size for c in cs)
               and all(a.start < b.start <= a.end for a, b in zip(cs, cs[1:])))
-        if not ok:
-            raise SelfCheckFailed(f"自检失败：文件 {d.name} 的块没有按位置完整覆盖原文，或有块超过 {chunk_size} token。")
+        require(ok, f"文件 {d.name} 的块没有按位置完整覆盖原文，或有块超过 {chunk_size} token。")
 
 
 def make_chunks(args, docs, results: dict):
@@ -104,8 +98,7 @@ def build_index(args, docs, chunks, results: dict):
 # ---------------------------------------------------------------- 第 4 步：检索
 def check_cosine(qvec: np.ndarray, cvec: np.ndarray) -> None:
     """自检（不变式）：向量都归一化成了单位长度，所以余弦相似度 = 点积（检索时只算点积）。"""
-    if abs(cosine(qvec, cvec) - float(qvec @ cvec)) > 1e-4:
-        raise SelfCheckFailed("自检失败：向量没有归一化，余弦相似度不等于点积，稠密检索的排序不可信。")
+    require(abs(cosine(qvec, cvec) - float(qvec @ cvec)) <= 1e-4, "向量没有归一化，余弦相似度不等于点积，稠密检索的排序不可信。")
 
 
 def retrieve(args, kb: KnowledgeBase, question: str, results: dict) -> list[tuple[int, float, dict]]:
@@ -164,8 +157,7 @@ def check_recall_monotone(table: dict) -> None:
     """自检（不变式）：前 k 块里命中，前 k+Δ 块里一定也命中，所以 recall@1 ≤ recall@3 ≤ recall@5。"""
     for m, row in table.items():
         vals = [v for c, v in row.items() if c.startswith("recall@")]
-        if vals != sorted(vals):
-            raise SelfCheckFailed(f"自检失败：{m} 的 recall@k 随 k 变大反而变小（{vals}），评测代码有 bug。")
+        require(vals == sorted(vals), f"{m} 的 recall@k 随 k 变大反而变小（{vals}），评测代码有 bug。")
 
 
 def print_table(table: dict, title: str, chosen: str) -> None:
@@ -400,7 +392,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=positive_int, default=128, help="每块最多多少 token（16~2048，本地模型的分词器）")
     p.add_argument("--overlap", type=non_negative_int, default=32, help="相邻块最多重叠多少 token（按整句回退）")
     p.add_argument("--eval", type=existing_file, default=None, help="问题集 JSONL（question, source, answer, 可选 accept）")
-    p.add_argument("--answer-eval", type=non_negative_int, default=None, help="评测多少道题的生成回答（默认 8；--quick 为 2）")
+    add_knob(p, "--answer-eval", type=non_negative_int, default=8, quick=2, help="评测多少道题的生成回答")
     add_max_new_tokens(p, 80, "每个回答最多生成多少个新 token")
     p.add_argument("--show-prompt", action="store_true", help="打印完整的提示词")
     p.add_argument("--json", action="store_true", help="只在 stdout 输出检索结果（JSON），不生成回答")
@@ -411,8 +403,6 @@ def parse_args(argv=None):
         p.error("--chunk-size 需要在 16 到 2048 之间")
     if args.overlap >= args.chunk_size:
         p.error("--overlap 需要小于 --chunk-size")
-    if args.answer_eval is None:
-        args.answer_eval = 2 if args.quick else 8
     args.question = args.question if args.question is not None else DEFAULT_QUESTION[args.lang]
     if not args.question.strip():
         p.error("--question 不能为空")

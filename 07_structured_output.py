@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from common.cli import (add_max_new_tokens, course_parser, existing_file, non_negative_float, positive_int, probability,
+from common.cli import (add_knob, course_parser, existing_file, int_list, non_negative_float, positive_int, probability,
                         setup_run)
 from common.client import client_from_args
-from common.errors import UserError, read_json, run_cli
+from common.errors import UserError, read_json, require, run_cli
 from common.outputs import REPO_ROOT, save_results
 
 NAME = "07_structured_output"
@@ -626,18 +626,17 @@ class ApiPolicy:
 # ============================================================== 6. 主流程
 def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("backend", "local"))
-    add_max_new_tokens(p, None, "每次生成最多多少个新 token（默认 96；--quick 为 64）")
-    p.add_argument("--tasks", type=positive_int, default=None, help="每个任务集最多跑几条（默认全部：60 和 24；--quick 为 3 和 1）")
-    p.add_argument("--agent-tasks", type=positive_int, default=None, help="智能体任务条数（默认全部；--quick 为 2）")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="智能体最多走几步，到了就停（默认 4；--quick 为 3）")
+    add_knob(p, "--max-new-tokens", type=positive_int, default=96, quick=64, help="每次生成最多多少个新 token")
+    add_knob(p, "--tasks", type=int_list, default=None, quick=(3, 1),
+             help="每个任务集最多跑几条：一个数（两个任务集都用它）或 support,review 两个数（不填 = 全部：60 和 24）")
+    add_knob(p, "--agent-tasks", type=positive_int, default=None, quick=2, help="智能体任务条数（不填 = 全部）")
+    add_knob(p, "--max-steps", type=positive_int, default=4, quick=3, help="智能体最多走几步，到了就停")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="采样温度（0 = 贪心；掩码之后照常采样）")
     p.add_argument("--top-p", type=probability, default=1.0, help="top-p 采样（掩码之后）")
     p.add_argument("--retriever", choices=("bm25", "dense", "hybrid"), default="hybrid", help="search 工具用第 3 课的哪种检索")
     p.add_argument("--schema", type=existing_file, default=None, help="你自己的 JSON Schema 文件：只生成一个受约束的回答")
     p.add_argument("--prompt", default=None, help="配合 --schema：给模型的英文提示")
     args = p.parse_args(argv)
-    args.max_new_tokens = args.max_new_tokens or (64 if args.quick else 96)
-    args.max_steps = args.max_steps or (3 if args.quick else 4)
     if (args.schema is None) != (args.prompt is None):
         p.error("--schema 和 --prompt 需要一起使用")
     return args
@@ -697,7 +696,7 @@ def mask_overhead(sets: dict) -> dict:
     return {"mask_ms_per_token": m, "unconstrained_step_ms": s, "overhead_ratio": m / s}
 
 
-def run_agent(args, client, vocab, n: int) -> dict:
+def run_agent(args, client, vocab, n: int | None) -> dict:
     tasks = read_jsonl(DATA / "agent_tasks.jsonl")[:n]
     year = str(datetime.date.today().year)
     policy = ApiPolicy(chat_api(client), args) if client.backend == "openai" else LocalPolicy(client.local(), vocab, args)
@@ -745,14 +744,14 @@ def main(argv=None) -> int:
     vocab = build_vocab(client.local().tokenizer) if local else None
     print("\n=== 1+2. 只靠提示词 vs 约束解码（同样的提示词、同样的贪心解码，只差一张掩码）===")
     sets = {}
-    for name, (_, task_file, _, _) in SETS.items():
-        tasks = read_jsonl(DATA / task_file)[:args.tasks or ({"support": 3, "review": 1}[name] if args.quick else None)]
+    for i, (name, (_, task_file, _, _)) in enumerate(SETS.items()):
+        tasks = read_jsonl(DATA / task_file)[:args.tasks and args.tasks[min(i, len(args.tasks) - 1)]]
         sets[name] = run_extraction(name, tasks, client.local() if local else None, vocab, args,
                                     None if local else chat_api(client))
         print_table(name, sets[name])
     overhead = mask_overhead(sets) if local else {}
     print(f"\n=== 3. 函数调用与智能体循环（最多 {args.max_steps} 步）===")
-    agent = run_agent(args, client, vocab, args.agent_tasks or (2 if args.quick else 99))
+    agent = run_agent(args, client, vocab, args.agent_tasks)
     results = {"backend": client.backend, "model": client.model_name, "quick": args.quick, "seed": args.seed,
                "max_new_tokens": args.max_new_tokens, "tasks": sets, "mask_overhead": overhead, "agent": agent}
     print()
@@ -769,10 +768,9 @@ def check(sets: dict, agent: dict, local: bool) -> None:
     for name, res in sets.items():
         c = res["constrained"]
         complete = c["tasks"] - c["incomplete_at_token_limit"]
-        if round(c["schema_valid_rate"] * c["tasks"]) != complete or round(c["parse_rate"] * c["tasks"]) != complete:
-            raise UserError(f"自检失败：{name} 的约束输出里有写完却不合法的 JSON——掩码有错。")
-    if not agent["args_schema_valid"]:
-        raise UserError("自检失败：有工具参数不符合它的 schema——掩码有错。")
+        require(round(c["schema_valid_rate"] * c["tasks"]) == complete and round(c["parse_rate"] * c["tasks"]) == complete,
+                f"{name} 的约束输出里有写完却不合法的 JSON——掩码有错。")
+    require(agent["args_schema_valid"], "有工具参数不符合它的 schema——掩码有错。")
     print("  自检通过：约束解码写完的输出 100% 能解析、100% 符合 schema；工具参数 100% 合法。")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import SelfCheckFailed
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "03_hands_on_rag.py"
 
@@ -197,7 +199,7 @@ def test_check_chunks_catches_a_broken_chunk(enc):
     chunks = ret.chunk_all(DOCS, enc, 16, 4)
     rag.check_chunks(DOCS, chunks, 16)  # the real chunker passes
     chunks[1].text = chunks[1].text + "x"
-    with pytest.raises(rag.SelfCheckFailed):
+    with pytest.raises(SelfCheckFailed):
         rag.check_chunks(DOCS, chunks, 16)
 
 
@@ -250,7 +252,7 @@ def test_findings_follow_the_numbers():
 
 def test_recall_monotone_check():
     rag.check_recall_monotone({"bm25": {"recall@1": 0.5, "recall@3": 0.7, "recall@5": 0.7, "mrr@10": 0.6}})
-    with pytest.raises(rag.SelfCheckFailed):
+    with pytest.raises(SelfCheckFailed):
         rag.check_recall_monotone({"bm25": {"recall@1": 0.8, "recall@3": 0.7, "recall@5": 0.9, "mrr@10": 0.6}})
 
 
