@@ -63,9 +63,11 @@ def _check_one_chinese_line(code, stdout: str, stderr: str) -> None:
     assert len(err) == 1 and CJK.search(err[0]), stderr
 
 
-# The first case of each lesson runs as a user runs it (a new Python process); the others run the same
-# entry point (common.errors.run_cli(main) with sys.argv set) inside this process, which skips the
-# seconds each new process spends importing torch.
+# One case runs as a user runs it: a new Python process (the real exit code and stderr of `python <script>`).
+# The first case of every other lesson runs the script file as __main__ inside this process (runpy), which
+# goes through the same `if __name__ == "__main__"` entry point; the other cases call common.errors.run_cli(main)
+# with sys.argv set. Both skip the seconds each new process spends importing torch.
+REAL_PROCESS = ("01_hello_llm.py", ["--quick", "--seed", "x"])
 FIRST = {}
 for _script, _args in _lessons_present():
     FIRST.setdefault(_script, _args)
@@ -74,12 +76,13 @@ for _script, _args in _lessons_present():
 @pytest.mark.parametrize("script,args", _lessons_present(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_bad_flag_is_one_chinese_line(script, args, tmp_path, monkeypatch, capsys):
     env = dict(os.environ, LLM_COURSE_OUTPUTS=str(tmp_path), OPENAI_API_KEY="", OPENAI_BASE_URL="", PYTHONUNBUFFERED="1")
-    if FIRST[script] == args:
+    if (script, args) == REAL_PROCESS:
         r = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=120, stdin=subprocess.DEVNULL)
         _check_one_chinese_line(r.returncode, r.stdout, r.stderr)
         return
     import importlib
+    import runpy
 
     from common.errors import run_cli
 
@@ -87,11 +90,18 @@ def test_bad_flag_is_one_chinese_line(script, args, tmp_path, monkeypatch, capsy
         monkeypatch.setenv(k, env[k])
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", [script, *args])
-    lesson = importlib.import_module(script.removesuffix(".py"))
     with pytest.raises(SystemExit) as e:
-        run_cli(lesson.main)
+        if FIRST[script] == args:
+            runpy.run_path(str(REPO / script), run_name="__main__")   # the script's own __main__ block
+        else:
+            run_cli(importlib.import_module(script.removesuffix(".py")).main)
     out = capsys.readouterr()
     _check_one_chinese_line(e.value.code, out.out, out.err)
+
+
+def test_one_bad_flag_case_runs_as_a_real_process():
+    """The real-process case above is one of the parametrized cases (so it is not silently dropped)."""
+    assert REAL_PROCESS in _lessons_present()
 
 
 def test_argparse_messages_are_translated():
