@@ -137,18 +137,42 @@ class ScriptOptions:
 HELP_OPTION_LINE = re.compile(r"^  (-\S.*?)(?:\s{2,}|$)")
 
 
+def help_env() -> dict:
+    # argparse wraps the help at the terminal width: fixed, so a real and an in-process run print the same
+    return dict(clean_env(Path(os.environ.get("TMPDIR", "/tmp"))), COLUMNS="80")
+
+
+def help_in_process(script: str) -> tuple[int, str, str]:
+    """``python <script> --help`` inside this process: the script file runs as ``__main__`` (runpy) with the
+    argv, cwd and environment a real run gets, and argparse prints the help and exits. This skips the
+    seconds a new process spends importing torch; test_help_in_process_equals_a_real_process checks that
+    one real process prints the same. Returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    import runpy
+    from unittest import mock
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, help_env(), clear=True), mock.patch.object(sys, "argv", [script, "--help"]), \
+            contextlib.chdir(REPO_ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
 @functools.lru_cache(maxsize=None)
 def script_options(script: str) -> ScriptOptions:
-    """Run ``python <script> --help`` once per script and parse its option strings and choices."""
+    """Run ``<script> --help`` once per script (in this process) and parse its option strings and choices."""
     path = REPO_ROOT / script
     if not path.is_file():
         pytest.fail(f"文档引用的脚本 {script} 不存在（还没写，或者文件名写错了）")
-    env = clean_env(Path(os.environ.get("TMPDIR", "/tmp")))
-    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, env=env, capture_output=True,
-                       text=True, encoding="utf-8", errors="replace", timeout=120)
-    assert r.returncode == 0, f"python {script} --help exited {r.returncode}:\n{r.stderr[-2000:]}"
+    code, stdout, stderr = help_in_process(script)
+    assert code == 0, f"python {script} --help exited {code}:\n{stderr[-2000:]}"
     options, choices = set(), {}
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         m = HELP_OPTION_LINE.match(line)
         if not m:
             continue
@@ -161,6 +185,16 @@ def script_options(script: str) -> ScriptOptions:
                 choices[words[0]] = set(words[1][1:-1].split(","))
     assert "--help" in options, f"could not parse the --help output of {script}"
     return ScriptOptions(options, choices)
+
+
+def test_help_in_process_equals_a_real_process():
+    """script_options() runs ``--help`` in this process; one real ``python <script> --help`` prints the same."""
+    script = "01_hello_llm.py"
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, env=help_env(), capture_output=True,
+                       text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert r.returncode == 0, f"python {script} --help exited {r.returncode}:\n{r.stderr[-2000:]}"
+    code, stdout, _ = help_in_process(script)
+    assert code == 0 and stdout == r.stdout and "--quick" in stdout
 
 
 def test_docs_contain_commands():
