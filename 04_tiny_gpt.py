@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -31,18 +30,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.cli import setup_run  # noqa: E402
-from common.errors import run_cli  # noqa: E402
-from common.sampling import sample_next_token  # noqa: E402
-from common.training import (Distributed, Optimizers, StopSignal, TrainState, apply_presets,  # noqa: E402
-                             check_resume_is_exact, count_params, open_run, plot_losses, prepare_data,
-                             export_beside, print_param_table, print_summary, restore, run_checkpoint, sample_only,
-                             save_checkpoint, save_if_best, tiny_gpt_parser, write_results)
+from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_float,
+                        non_negative_int, positive_float, positive_int, probability, setup_run)
+from common.errors import run_cli
+from common.sampling import sample_next_token
+from common.training import (Distributed, Optimizers, StopSignal, TrainingRun, TrainState, check_resume_is_exact,
+                             count_params, export_beside, open_run, plot_losses, prepare_data, print_param_table,
+                             print_summary, restore, run_checkpoint, sample_only, save_checkpoint, save_if_best,
+                             write_results)
 
 NAME = "04_tiny_gpt"
 
-# 预设：每一项都可以被命令行参数单独覆盖。耗时/效果见 docs/04_tiny_gpt.md（实测）。
+# 预设：本课的旋钮成套的取值，每一项都可以被命令行参数单独覆盖（--quick 就是预设 quick）。耗时/效果见 docs/04_tiny_gpt.md（实测）。
 PRESETS = {
     # 冒烟测试：不到一分钟看到 loss 明显下降并打印一段样本
     "quick": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32, lr=3e-3,
@@ -488,11 +487,92 @@ def final_eval_and_save(run, data, a) -> dict:
 # ---------------------------------------------------------------------------
 # 8. 命令行参数与主流程
 # ---------------------------------------------------------------------------
+def add_model_flags(p) -> None:
+    """模型结构的旋钮：不填就用预设里的值（所以这里的默认都是 None）。"""
+    g = p.add_argument_group("模型（不填则用预设）")
+    for f in ["n_layer", "n_head", "n_embd", "block_size"]:
+        g.add_argument("--" + f.replace("_", "-"), type=positive_int, default=None)
+    g.add_argument("--dropout", type=fraction, default=None)
+    m = p.add_argument_group("从 GPT-2 到今天：每一处改动都能单独打开（不填则用预设）")
+    m.add_argument("--norm", choices=["layer", "rms"], default=None, help="LayerNorm（GPT-2）或 RMSNorm")
+    m.add_argument("--pos", choices=["learned", "rope"], default=None, help="学到的位置嵌入（GPT-2）或 RoPE")
+    m.add_argument("--qk-norm", choices=["off", "on"], default=None, help="注意力打分前把 q、k 归一化")
+    m.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"], default=None, help="MLP 的激活函数")
+    m.add_argument("--head", choices=["tied", "untied"], default=None, help="输出层与 token 嵌入共享权重或不共享")
+    m.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="muon：块里的矩阵用 Muon，其余 AdamW")
+    m.add_argument("--muon-lr", type=positive_float, default=None, help="Muon 的基础学习率（--lr 仍管 AdamW 那部分）")
+
+
+def add_training_flags(p) -> None:
+    """训练的旋钮（前一半不填就用预设）、续训与覆盖。"""
+    t = p.add_argument_group("训练（不填则用预设）")
+    for flag, typ, text in [("--batch-size", positive_int, ""), ("--grad-accum", positive_int, "梯度累积步数"),
+                            ("--lr", positive_float, "基础学习率"), ("--min-lr-ratio", fraction, "余弦衰减的终点（lr 的倍数）"),
+                            ("--warmup-iters", non_negative_int, ""), ("--weight-decay", non_negative_float, ""),
+                            ("--beta2", fraction, "AdamW 的 β2"), ("--grad-clip", non_negative_float, "0 = 不裁剪"),
+                            ("--max-iters", positive_int, "最多训练多少步"),
+                            ("--time-budget", positive_float, "训练时间预算（分钟，不含中途评估）"),
+                            ("--evals", positive_int, "训练中评估（并打印样本）几次"),
+                            ("--eval-iters", positive_int, "每次评估用几个固定的 batch")]:
+        t.add_argument(flag, type=typ, default=None, help=text or None)
+    t.add_argument("--final-eval", choices=["fixed", "full"], default="fixed",
+                   help="最后的验证：fixed=固定的几个 batch；full=整个验证集")
+    t.add_argument("--autocast", choices=["off", "bf16"], default="off", help="训练时的 autocast 混合精度")
+    t.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
+    t.add_argument("--resume", nargs="?", type=Path, const=Path(), default=None,
+                   help="从检查点继续训练（不给路径 = <out-dir>/<预设>/ckpt_last.pt）")
+    t.add_argument("--overwrite", action="store_true",
+                   help="允许从头训练并覆盖该文件夹里已有的检查点（连同旧的 model.pt2）")
+    t.add_argument("--stop-after", type=positive_int, default=None,
+                   help="训练到第 N 步就保存并退出（模拟中断，用来演示/测试续训）")
+
+
+def add_sampling_flags(p) -> None:
+    s = p.add_argument_group("生成")
+    s.add_argument("--sample-only", action="store_true",
+                   help="不训练，只从检查点生成文本（model.pt2 缺失或过时就顺便重新导出，供第 06 课使用）")
+    s.add_argument("--checkpoint", type=existing_file, default=None, help="--sample-only 用的检查点（默认该预设的 best）")
+    s.add_argument("--prompt", type=str, default="\n", help="提示词（默认一个换行）")
+    add_max_new_tokens(s, 300)
+    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = 贪心")
+    s.add_argument("--top-k", type=non_negative_int, default=0, help="0 = 不限制")
+    s.add_argument("--top-p", type=probability, default=0.95)
+
+
+def apply_presets(p, a):
+    """预设的值填进每个没填的旋钮（--quick = 预设 quick；配 BPE 时再用 QUICK_BPE）。只给了 --max-iters 或只给了
+    --time-budget：另一个就不再生效。"""
+    if a.quick:
+        a.preset = "quick"
+    given = {k for k, v in vars(a).items() if v is not None}
+    cfg = {**DEFAULTS, **PRESETS[a.preset], **(QUICK_BPE if a.preset == "quick" and a.tokenizer == "bpe" else {})}
+    if "max_iters" in given and "time_budget" not in given:
+        cfg["time_budget"] = None
+    if "time_budget" in given and "max_iters" not in given:
+        cfg["max_iters"] = None
+    for k, v in cfg.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    if a.block_size < 2:
+        p.error(f"--block-size 必须 ≥ 2（收到 {a.block_size}）")
+    if a.n_embd % a.n_head:
+        p.error(f"--n-embd ({a.n_embd}) 必须能被 --n-head ({a.n_head}) 整除")
+    if a.pos == "rope" and (a.n_embd // a.n_head) % 2:
+        p.error(f"RoPE 需要偶数的每头维度（--n-embd / --n-head = {a.n_embd // a.n_head}）")
+    a.run_dir = a.out_dir / a.preset                         # 每个预设一个文件夹：不同预设的训练互不覆盖
+    return a
+
+
 def parse_args(argv=None):
-    """预设 → 命令行覆盖（common/training.py 的 apply_presets）。每个预设写到自己的文件夹 <out-dir>/<预设>/。"""
-    parser = tiny_gpt_parser(NAME, __doc__, PRESETS)
-    a = parser.parse_args(argv)
-    return apply_presets(parser, a, PRESETS, DEFAULTS, QUICK_BPE if a.tokenizer == "bpe" else {})
+    """本课的每个旋钮都是一个参数；没填的取预设里的值。每个预设写到自己的文件夹 <out-dir>/<预设>/。"""
+    p = course_parser(NAME, __doc__, groups=("device",))
+    p.add_argument("--preset", choices=list(PRESETS), default="small", help="预设配置（--quick 等同 --preset quick）")
+    p.add_argument("--data", type=existing_file, default=None, help="训练用的 UTF-8 文本文件（默认：莎士比亚全集）")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="字符级或 BPE")
+    add_model_flags(p)
+    add_training_flags(p)
+    add_sampling_flags(p)
+    return apply_presets(p, p.parse_args(argv))
 
 
 def model_config(a, vocab_size: int) -> dict:
@@ -500,22 +580,22 @@ def model_config(a, vocab_size: int) -> dict:
                 dropout=a.dropout, norm=a.norm, pos=a.pos, qk_norm=a.qk_norm == "on", mlp=a.mlp, tie=a.head == "tied")
 
 
-def build_run(a, data, ck, dist: Distributed):
-    """第 2 步：模型、优化器、抽 batch 的随机数发生器；续训时从检查点恢复它们。"""
+def build_run(a, data, ck, dist: Distributed) -> TrainingRun:
+    """第 2 步：模型、优化器、抽 batch 的随机数发生器；续训时从检查点恢复它们。
+    装进一个 TrainingRun（common/training.py 里的 dataclass，每个字段写明了是什么）。"""
     torch.manual_seed(a.seed)
     raw = GPT(**model_config(a, data["tok"].vocab_size)).to(dist.device)
-    run = type("Run", (), {})()                              # 一个装训练过程中各样东西的空对象
-    run.raw, run.device, run.world, run.dir = raw, dist.device, dist.world, a.run_dir
-    run.n_params = print_param_table(raw) if dist.master else count_params(raw)
-    run.opt = build_optimizer(raw, a)
-    run.batch_gen = torch.Generator().manual_seed(a.seed + dist.rank)  # 专门用来抽 batch，状态存进检查点
-    run.state = restore(ck, raw, run.opt, run.batch_gen) if ck else TrainState()
-    run.model = dist.wrap(torch.compile(raw) if a.compile else raw)
+    n_params = print_param_table(raw) if dist.master else count_params(raw)
+    opt = build_optimizer(raw, a)
+    batch_gen = torch.Generator().manual_seed(a.seed + dist.rank)  # 专门用来抽 batch，状态存进检查点
+    state = restore(ck, raw, opt, batch_gen) if ck else TrainState()
+    model = dist.wrap(torch.compile(raw) if a.compile else raw)
     eg = torch.Generator().manual_seed(a.seed + 999)         # 固定的评估窗口（另一个发生器，不影响训练）
-    run.eval_sets = {k: [torch.randint(len(data[k]) - a.block_size - 1, (a.batch_size,), generator=eg)
-                         for _ in range(a.eval_iters)] for k in ("train", "val")}
-    run.tokens_per_iter = a.batch_size * a.block_size * a.grad_accum * dist.world
-    return run
+    eval_sets = {k: [torch.randint(len(data[k]) - a.block_size - 1, (a.batch_size,), generator=eg)
+                     for _ in range(a.eval_iters)] for k in ("train", "val")}
+    return TrainingRun(raw=raw, model=model, opt=opt, batch_gen=batch_gen, state=state, eval_sets=eval_sets,
+                       device=dist.device, world=dist.world, dir=a.run_dir, n_params=n_params,
+                       tokens_per_iter=a.batch_size * a.block_size * a.grad_accum * dist.world)
 
 
 def main(argv=None):

@@ -33,31 +33,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_int,  # noqa: E402
+from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, fraction, non_negative_int,
                         positive_float, positive_int, setup_run)
-from common.device import machine_busy, peak_rss_mb, synchronize  # noqa: E402
-from common.errors import UserError, read_json, run_cli  # noqa: E402
-from common.generate import generate_batch  # noqa: E402
-from common.lora import TARGETS, inject_lora, load_adapter, lora_modules, parse_targets, save_adapter  # noqa: E402
-from common.outputs import REPO_ROOT, output_dir, save_results  # noqa: E402
-from common.plots import new_figure, save_figure  # noqa: E402
+from common.device import machine_busy, peak_rss_mb, synchronize
+from common.errors import UserError, read_json, require, run_cli
+from common.generate import generate_batch
+from common.lora import TARGETS, inject_lora, load_adapter, lora_modules, parse_targets, save_adapter
+from common.outputs import REPO_ROOT, output_dir, save_results
+from common.plots import new_figure, save_figure
+from common.training import train_record, training_facts
 
 NAME = "05_lora"
 DATA_DIR = REPO_ROOT / "data" / "lora"
 ANSWER_RE = re.compile(r"^intent: ([a-z_]+) \| order: (\d+|none)$")   # 要求的精确格式
 INTENT_RE = re.compile(r"intent\s*[:=]\s*([a-z_]+)", re.IGNORECASE)     # 宽松地找出意图
 EVAL_BATCH = 16                     # 评估时一批生成几条（长度不同也行：左侧补齐 + 注意力掩码）
-
-
-class SelfCheckFailed(UserError):
-    """本课的自检（合并前后输出一致、拆分逐位恢复、重新加载逐位相同）没通过：一行中文，退出码 1。"""
-    exit_code = 1
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise SelfCheckFailed(f"自检失败：{message}")
 
 
 # 1. LoRA 层：y = W·x + (alpha/r)·B·A·dropout(x)，W 冻结，只训练 A、B
@@ -192,7 +182,8 @@ def batches(data: list, bs: int, seed: int):
 
 def train(model, params, data, *, steps: int, lr: float, batch_size: int, seed: int, cap_s: float | None = None,
           desc: str = "LoRA", on_interrupt=None) -> dict:
-    """训练 steps 步（线性 warmup 后学习率不变）。cap_s 秒用完时提前停下，并在结果里记下 cut_by_time_cap。"""
+    """训练 steps 步（线性 warmup 后学习率不变）。cap_s 秒用完时提前停下，并在结果里记下 cut_by_time_budget。
+    返回的记录和第 08 课同名（common/training.py 的 train_record）：steps、planned_steps、losses、train_seconds……"""
     from tqdm import tqdm
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses, times, cpu_times = [], [], []
@@ -226,9 +217,9 @@ def train(model, params, data, *, steps: int, lr: float, batch_size: int, seed: 
     finally:
         bar.close()
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return {"losses": losses, "step_times": times, "step_cpu_times": cpu_times, "steps": len(losses),
-            "planned_steps": steps, "warmup_steps": warmup, "cut_by_time_cap": cut, "time_cap_s": cap_s,
-            "train_seconds": time.perf_counter() - t_start, "optimizer_state_bytes": state_bytes}
+    return train_record(losses, steps, cut, time.perf_counter() - t_start, sum(p.numel() for p in params),
+                        step_times=times, step_cpu_times=cpu_times, warmup_steps=warmup, time_budget_s=cap_s,
+                        optimizer_state_bytes=state_bytes)
 
 
 def median_step(xs: list[float]) -> float:
@@ -237,12 +228,12 @@ def median_step(xs: list[float]) -> float:
 
 def cap_warning(run: dict, where: str = "下面") -> str:
     """训练被时间上限截断时的说明（由本次的数字算出）。没截断时返回空字符串。"""
-    if not run["cut_by_time_cap"]:
+    if not run["cut_by_time_budget"]:
         return ""
     done, planned, med = run["steps"], run["planned_steps"], median_step(run["step_times"])
     need_min = -(-med * planned * 1.5 // 60)                 # 按本次的速度跑完 planned 步所需时间 ×1.5，向上取整
     return (f"⚠ 训练被时间上限截断：只跑了 {done}/{planned} 步（{done / planned:.0%}），"
-            f"{run['train_seconds'] / 60:.1f} 分钟用完了 --time-budget {run['time_cap_s'] / 60:g} 分钟"
+            f"{run['train_seconds'] / 60:.1f} 分钟用完了 --time-budget {run['time_budget_s'] / 60:g} 分钟"
             f"（本次每步中位数 {med:.1f} 秒）。\n"
             f"⚠ 所以{where}的 loss 和准确率来自一个没训练完的 LoRA，会比训练满 {planned} 步差，不能用来评价 LoRA；"
             f"请在空闲时重跑，或加大 --time-budget（按本次速度约需 {need_min:.0f} 分钟），或减少 --steps。")
@@ -403,7 +394,8 @@ def step_train(a, model, train_data: list, eval_data: list, loss_before: float, 
     run = train(model, params, train_data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                 cap_s=a.time_budget * 60, desc="LoRA", on_interrupt=on_interrupt)
     model.eval()
-    if run["cut_by_time_cap"]:
+    print(training_facts(run))
+    if run["cut_by_time_budget"]:
         print(cap_warning(run))
     loss_after = heldout_loss(model, eval_data)
     L = run["losses"]
@@ -541,27 +533,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="注入到哪些线性层：q,k,v,o,gate,up,down 的逗号组合，或 attn/mlp/all")
     g.add_argument("--dropout", type=fraction, default=0.0, help="LoRA 分支输入的 dropout，0 ≤ p < 1（默认 0）")
     g.add_argument("--lr", type=positive_float, default=2e-3, help="LoRA 学习率")
-    g.add_argument("--steps", type=positive_int, default=None, help="训练多少步（默认 80；--quick 为 8）")
-    g.add_argument("--time-budget", type=positive_float, default=None,
-                   help="训练时间的保险上限，分钟（默认 30；--quick 为 3）：到点提前停下，并明确告诉你结果因此不完整")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="每步几条样本（默认 8；--quick 为 4）")
+    add_knob(g, "--steps", type=positive_int, default=80, quick=8, help="训练多少步")
+    add_knob(g, "--time-budget", type=positive_float, default=30.0, quick=3.0,
+             help="训练时间的保险上限，分钟：到点提前停下，并明确告诉你结果因此不完整")
+    add_knob(g, "--batch-size", type=positive_int, default=8, quick=4, help="每步几条样本")
     g.add_argument("--max-len", type=positive_int, default=256, help="超过这个 token 数（≥ 8）的训练样本会被跳过")
     d = p.add_argument_group("数据与评估")
     d.add_argument("--data", type=existing_file, default=str(DATA_DIR / "train.json"),
                    help="训练数据：instruction/input/output 的 JSON 列表（默认 data/lora/train.json）")
     d.add_argument("--eval-data", type=existing_file, default=str(DATA_DIR / "eval.json"),
                    help="留出评估数据，同样格式（默认 data/lora/eval.json）")
-    d.add_argument("--eval-n", type=non_negative_int, default=None, help="评估用多少条留出样本（默认 0 = 全部；--quick 为 8）")
+    add_knob(d, "--eval-n", type=non_negative_int, default=0, quick=8, help="评估用多少条留出样本（0 = 全部）")
     add_max_new_tokens(d, 16, "评估时每条最多生成多少个新 token")
     c = p.add_argument_group("对比全参数微调")
-    c.add_argument("--full-ft", type=non_negative_int, default=None, metavar="N",
-                   help="再做 N 步全参数微调，对比速度与内存（默认 4；--quick 为 2；0 = 不做）")
+    add_knob(c, "--full-ft", type=non_negative_int, default=4, quick=2, metavar="N",
+             help="再做 N 步全参数微调，对比速度与内存（0 = 不做）")
     c.add_argument("--full-ft-lr", type=positive_float, default=2e-5, help="全参数微调的学习率")
     a = p.parse_args(argv)
-    for k, full, quick in [("steps", 80, 8), ("time_budget", 30.0, 3.0), ("batch_size", 8, 4), ("eval_n", 0, 8),
-                           ("full_ft", 4, 2)]:
-        if getattr(a, k) is None:
-            setattr(a, k, quick if a.quick else full)
     if a.max_len < 8:
         p.error(f"--max-len 须 ≥ 8（收到 {a.max_len}）")
     return a
@@ -599,14 +587,14 @@ def main(argv=None):
            "zero_shot": zero, "after_lora": after, "heldout_loss": {"before": loss_before, "after": loss_after},
            "lora_train": {**lora_run, "median_step_s": median_step(lora_run["step_times"]),
                           "median_step_cpu_s": median_step(lora_run["step_cpu_times"])},
-           "training_cut_short": lora_run["cut_by_time_cap"], "comparison": side, "adapter": adapter, "merge": merge,
+           "training_cut_short": lora_run["cut_by_time_budget"], "comparison": side, "adapter": adapter, "merge": merge,
            "loss_fell": loss_after < loss_before, "total_seconds": total_s, "total_cpu_seconds": cpu_s}
     print(f"结果：{save_results(a.out_dir, res)}（总用时 {total_s:.0f} 秒，本进程 CPU 时间 {cpu_s:.0f} 秒）")
     za, aa = zero["intent_accuracy"], after["intent_accuracy"]
     if za is not None:
         print(f"\n小结：意图准确率 {za:.1%} → {aa:.1%}；格式正确 {zero['format_ok']:.1%} → {after['format_ok']:.1%}；"
               f"只训练了 {rep['trainable_pct']:.2f}% 的参数。")
-    if lora_run["cut_by_time_cap"]:
+    if lora_run["cut_by_time_budget"]:
         print(cap_warning(lora_run, "上面"))
 
 

@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.cli import course_parser, positive_float, positive_int, setup_run  # noqa: E402
-from common.errors import UserError, read_json, run_cli  # noqa: E402
-from common.generate import generate_batch  # noqa: E402
-from common.lora import adapters_disabled, inject_lora, save_adapter  # noqa: E402
-from common.outputs import REPO_ROOT, output_dir, save_results  # noqa: E402
-from common.plots import new_figure, save_figure  # noqa: E402
+from common.cli import add_knob, course_parser, positive_float, positive_int, setup_run
+from common.errors import UserError, read_json, require, run_cli
+from common.generate import generate_batch
+from common.lora import adapters_disabled, inject_lora, save_adapter
+from common.outputs import REPO_ROOT, output_dir, save_results
+from common.plots import new_figure, save_figure
+from common.training import train_record, training_facts
 
 NAME = "08_dpo"
 DATA_DIR = REPO_ROOT / "data" / "dpo"
@@ -248,7 +248,7 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = batch_order(len(enc), first + steps, a.batch_size, a.seed)[first * a.batch_size:]
-    hist = {"loss": [], "acc": [], "margin": [], "chosen_drift": []}
+    losses, hist = [], {"acc": [], "margin": [], "chosen_drift": []}
     meta = {"rank": a.rank, "alpha": a.rank * ALPHA_OVER_RANK, "targets": TARGETS, "run": label}
     t0, cut = time.perf_counter(), False
     bar = tqdm(range(steps), desc=label, ncols=90, file=sys.stdout)
@@ -263,7 +263,7 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            hist["loss"].append(loss.item())
+            losses.append(loss.item())
             for k, v in stats.items():
                 hist[k].append(v)
             bar.set_postfix(loss=f"{loss.item():.3f}", **({"acc": f"{stats['acc']:.2f}"} if "acc" in stats else {}))
@@ -280,12 +280,12 @@ def train(model, enc, objective, a, label: str, lr: float, steps: int, adapter_p
         bar.close()
         model.eval()
     save_adapter(model, adapter_path, meta)
-    done = len(hist["loss"])
+    done = len(losses)
     if cut:
         print(f"  ！！！注意：到达时间预算 {a.time_budget:g} 分钟，{label} 只训练了 {done}/{steps} 步就停了。"
               f"下面的比较不再是\"等步数\"的比较；机器慢就加大 --time-budget。")
-    return {"history": hist, "steps": done, "steps_planned": steps, "cut_by_time_budget": cut,
-            "seconds": time.perf_counter() - t0, "adapter": adapter_path}
+    return train_record(losses, steps, cut, time.perf_counter() - t0, sum(p.numel() for p in params),
+                        history=hist, adapter=adapter_path)
 
 
 def sft_then_dpo(model, enc, a, label: str, beta: float, lr: float, steps: int, path: Path) -> dict:
@@ -296,10 +296,10 @@ def sft_then_dpo(model, enc, a, label: str, beta: float, lr: float, steps: int, 
     ref = ReferenceLogprobs(enc, adapter_on=True)       # 参考模型 = 此刻的策略，先把要用到的对数概率全算好
     ref.fill(model, batch_order(len(enc), steps, a.batch_size, a.seed)[k * a.batch_size:steps * a.batch_size])
     dpo = train(model, enc, dpo_objective(ref, beta, a.nll_weight), a, f"{label}：DPO", lr, steps - k, path, first=k)
-    return {"history": {h: sft["history"][h] + dpo["history"][h] for h in dpo["history"]},
-            "steps": sft["steps"] + dpo["steps"], "steps_planned": steps, "phase_steps": [sft["steps"], dpo["steps"]],
-            "cut_by_time_budget": sft["cut_by_time_budget"] or dpo["cut_by_time_budget"],
-            "seconds": sft["seconds"] + dpo["seconds"], "adapter": path}
+    return train_record(sft["losses"] + dpo["losses"], steps, sft["cut_by_time_budget"] or dpo["cut_by_time_budget"],
+                        sft["train_seconds"] + dpo["train_seconds"], dpo["trainable_params"],
+                        history={h: sft["history"][h] + dpo["history"][h] for h in dpo["history"]},
+                        phase_steps=[sft["steps"], dpo["steps"]], adapter=path)
 
 
 # ---------------------------------------------------------------------------
@@ -391,28 +391,24 @@ def parse_args(argv=None):
                    help="LoRA 学习率（SFT 基线用同一个）。DPO 的 loss 很快就接近 0，AdamW 仍按 lr 大小的步子推，lr 太大会训坏")
     p.add_argument("--fail-lr-mult", type=non_negative_float, default=30.0,
                    help="失败模式：用 lr × 这个倍数再训练一次 DPO（0 = 不跑；--quick 不跑）")
-    p.add_argument("--steps", type=positive_int, default=None, help="每次训练的步数（默认 30；--quick 为 6）")
+    add_knob(p, "--steps", type=positive_int, default=30, quick=6, help="每次训练的步数")
     p.add_argument("--fail-steps", type=positive_int, default=10, help="失败模式那次训练的步数（坏掉只需要几步）")
-    p.add_argument("--time-budget", type=positive_float, default=None,
-                   help="每次训练的时间上限（分钟；默认 3，--quick 为 1）。只是安全上限：被它截断时会大声提示")
+    add_knob(p, "--time-budget", type=positive_float, default=3.0, quick=1.0,
+             help="每次训练的时间上限（分钟）。只是安全上限：被它截断时会大声提示")
     p.add_argument("--nll-weight", type=non_negative_float, default=0.0,
                    help="DPO 损失再加上 chosen 的 NLL × 这个权重（0 = 纯 DPO；Llama 3 用 0.2）")
     p.add_argument("--rejected", choices=["data", "model"], default="data",
                    help="DPO 的 rejected：data = 数据里写好的差回答；model = 基座模型自己生成的回答（SPIN 式，训练前先生成）")
     p.add_argument("--sft-steps", type=int, default=0,
                    help="再加一次标准流程：先 SFT 这么多步，再以 SFT 后的模型为参考做 DPO，总步数仍是 --steps（0 = 不跑）")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="每步几对偏好数据（默认 4；--quick 为 2）")
+    add_knob(p, "--batch-size", type=positive_int, default=4, quick=2, help="每步几对偏好数据")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
-    p.add_argument("--eval-n", type=positive_int, default=None, help="生成评估用几条留出提示（默认 64；--quick 为 8）")
-    p.add_argument("--eval-pairs", type=positive_int, default=None, help="算奖励准确率用几对留出数据（默认 32；--quick 为 8）")
+    add_knob(p, "--eval-n", type=positive_int, default=64, quick=8, help="生成评估用几条留出提示")
+    add_knob(p, "--eval-pairs", type=positive_int, default=32, quick=8, help="算奖励准确率用几对留出数据")
     add_max_new_tokens(p, 48, "评估时每条回答最多生成多少个新 token（用完还没结束算\"太长\"）")
     p.add_argument("--data", type=existing_file, default=DATA_DIR / "train.json", help="训练偏好数据")
     p.add_argument("--heldout", type=existing_file, default=DATA_DIR / "heldout.json", help="留出偏好数据")
     a = p.parse_args(argv)
-    for k, full, quick in [("steps", 30, 6), ("time_budget", 3.0, 1.0), ("eval_n", 64, 8), ("eval_pairs", 32, 8),
-                           ("batch_size", 4, 2)]:
-        if getattr(a, k) is None:
-            setattr(a, k, quick if a.quick else full)
     a.kl_n, a.gen_batch = min(16, a.eval_pairs), 64
     if not 0 <= a.sft_steps < a.steps:
         p.error(f"--sft-steps 要在 0 到 --steps - 1（{a.steps - 1}）之间：SFT 之后至少要留 1 步给 DPO")
@@ -461,8 +457,7 @@ def show_logprobs(base, train_rows, enc) -> None:
     alone = torch.cat([sequence_logprobs(base, [e[0]], [e[2]]) for e in enc[:3]])
     diff = (alone - sequence_logprobs(base, [e[0] for e in enc[:3]], [e[2] for e in enc[:3]])).abs().max().item()
     print(f"单独算 vs 放进带 padding 的 batch 算：最大差 {diff:.2e}（padding 被 attention_mask 遮住）")
-    if diff > 1e-3:
-        raise UserError(f"自检失败：padding 改变了序列 log p（差 {diff:.2e}）。")
+    require(diff <= 1e-3, f"padding 改变了序列 log p（差 {diff:.2e}）。")
 
 
 def main(argv=None):
@@ -513,6 +508,7 @@ def main(argv=None):
         path = out / f"adapter_{key}.safetensors"
         tr = (sft_then_dpo(model, enc, a, label, beta, lr, steps, path) if key == "sft_dpo" else
               train(model, enc, objective, a, label, lr, steps, path))
+        print(training_facts(tr))
         runs[key] = {**evaluate(model, tok, held_enc, ref_held, gen_prompts, a, label, a.beta if beta is None else beta),
                      "train": tr, "beta": beta, "lr": lr, "label": label}
         del model
@@ -582,10 +578,10 @@ def plot_training(runs: dict, path: Path) -> Path:
     for key, r in runs.items():
         if "train" not in r:
             continue
-        h = r["train"]["history"]
-        ax[0].plot(range(1, len(h["loss"]) + 1), h["loss"], label=key)
+        losses, h = r["train"]["losses"], r["train"]["history"]
+        ax[0].plot(range(1, len(losses) + 1), losses, label=key)
         if h["margin"]:                                  # SFT→DPO：margin 从 DPO 阶段开始才有
-            ax[1].plot(range(len(h["loss"]) - len(h["margin"]) + 1, len(h["loss"]) + 1), h["margin"], label=key)
+            ax[1].plot(range(len(losses) - len(h["margin"]) + 1, len(losses) + 1), h["margin"], label=key)
     ax[0].set(xlabel="step", ylabel="training loss", title="loss (SFT: NLL on chosen; DPO: -log sigmoid(margin))")
     ax[1].set(xlabel="step", ylabel="batch mean margin", title="DPO implicit reward margin")
     for x in ax:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.training import EXPORT_NAME, load_checkpoint, tokenizer_from_state
+from common.training import EXPORT_NAME, export_matches, load_checkpoint, tokenizer_from_state
 
 
 class TokenRows:
@@ -125,15 +125,18 @@ def load_tiny_gpt(checkpoint: Path):
     checkpoint = Path(checkpoint)
     ck = load_checkpoint(checkpoint)
     graph = checkpoint.parent / EXPORT_NAME
-    if not graph.exists():
-        raise UserError(f"{checkpoint.parent} 里没有 {EXPORT_NAME}（第 04 课训练结束时才导出）；运行 "
-                        f"python 04_tiny_gpt.py --sample-only --checkpoint {checkpoint} 导出它")
+    fix = f"python 04_tiny_gpt.py --sample-only --checkpoint {checkpoint}"   # exports when missing or stale
+    matches = export_matches(checkpoint.parent, ck["model_config"])
+    if matches is None:
+        raise UserError(f"{checkpoint.parent} 里没有 {EXPORT_NAME}（第 04 课训练结束时才导出）；运行 {fix} 导出它")
+    if matches is False:
+        raise UserError(f"{graph} 不是从这个检查点的模型导出的（例如 --overwrite 换了模型大小后留下的旧文件）；"
+                        f"运行 {fix}，它会重新导出")
     try:
         program = torch.export.load(str(graph)).module()
         program.load_state_dict(ck["model"], strict=True)
-    except Exception as e:  # noqa: BLE001 - any mismatch gets the same hint
-        raise UserError(f"{graph} 与检查点 {checkpoint.name} 不匹配或已损坏（{type(e).__name__}）；"
-                        f"运行 python 04_tiny_gpt.py --sample-only --checkpoint {checkpoint} 重新导出") from None
+    except Exception as e:  # noqa: BLE001 - the metadata matched, so the file itself is broken
+        raise UserError(f"{graph} 已损坏（{type(e).__name__}）；删除它，再运行 {fix} 重新导出") from None
     return types.SimpleNamespace(model=TinyGPTModel(program, ck["model_config"]["block_size"]),
                                  tokenizer=PlainTextTemplate(tokenizer_from_state(ck["tokenizer"])),
                                  model_id=f"tiny-gpt-{checkpoint.parent.name}")

@@ -1,5 +1,7 @@
-"""Lesson 04's training system, kept out of the lesson so that 04_tiny_gpt.py shows the model and the loop.
+"""Lesson 04's training system, kept out of the lesson so that 04_tiny_gpt.py shows the model and the loop
+(the lesson's own flags and presets live in 04_tiny_gpt.py).
 
+* a run: ``TrainingRun`` (the typed record of one training run the functions here read), ``open_run``;
 * data: ``load_text`` (Shakespeare by default, or the user's UTF-8 file), ``CharTokenizer``,
   ``BPETokenizer`` (SmolLM2's BPE, compacted to the ids the corpus uses), ``tokenizer_from_state``;
 * checkpoints: ``save_checkpoint`` (atomic), ``load_checkpoint`` (one Chinese line on any problem),
@@ -7,7 +9,9 @@
 * resume: ``TrainState`` (everything that changes while training) + ``checkpoint_dict`` / ``restore``;
   together with the model, optimizer and batch-RNG states this is enough for a bit-exact resume;
 * data parallel: ``Distributed`` (torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on CUDA);
-* Ctrl-C: ``StopSignal`` (first Ctrl-C sets a flag, the loop finishes its step and saves; second one exits).
+* Ctrl-C: ``StopSignal`` (first Ctrl-C sets a flag, the loop finishes its step and saves; second one exits);
+* export: ``export_model`` / ``export_beside`` (model.pt2 for lesson 06, re-exported when stale: ``export_matches``);
+* lessons 05 and 08: ``train_record`` / ``training_facts`` (one naming for a fine-tuning run's facts).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, require
 
 CKPT_FORMAT = "llm-course/04_tiny_gpt/v2"
 CHECKPOINT_FILES = ("ckpt_best.pt", "ckpt_last.pt")
@@ -159,13 +163,19 @@ def load_checkpoint(path: Path) -> dict:
 
 
 EXPORT_NAME = "model.pt2"      # the exported graph, beside a run's checkpoints
+EXPORT_META = "model.pt2.json"  # beside it: the model_config it was exported from (to tell a stale export)
 
 
 def export_model(model, path: Path) -> Path:
     """torch.export: the model's forward pass as a graph (plus its weights) in one file, loadable without this
-    code (lesson 06 serves it: common/exported.py). Batch and length are dynamic; length up to block_size."""
+    code (lesson 06 serves it: common/exported.py). Batch and length are dynamic; length up to block_size.
+    Writes EXPORT_META (the model's config) after the graph: a graph without it counts as stale."""
+    import json
+
     from torch.export import Dim, export, save
 
+    meta = path.with_name(EXPORT_META)
+    meta.unlink(missing_ok=True)                         # first: a crash below leaves no matching metadata behind
     model = copy.deepcopy(model).cpu().eval()            # a server loads it on CPU; the training model is untouched
     example = torch.zeros(2, model.block_size, dtype=torch.long)
     shapes = ({0: Dim("batch", min=2, max=4096), 1: Dim("length", min=2, max=model.block_size)},)
@@ -174,18 +184,37 @@ def export_model(model, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     save(program, str(tmp))
     os.replace(tmp, path)
+    meta.write_text(json.dumps(model.config, sort_keys=True), encoding="utf-8")
     return path
 
 
+def export_matches(folder: Path, model_config: dict) -> bool | None:
+    """Was folder's model.pt2 exported from a model with this config? None: no model.pt2 at all; False: stale
+    (another model size or vocabulary, or exported before the metadata existed); True: it fits the checkpoint."""
+    import json
+
+    if not (folder / EXPORT_NAME).exists():
+        return None
+    try:
+        return json.loads((folder / EXPORT_META).read_text(encoding="utf-8")) == json.loads(json.dumps(model_config))
+    except (OSError, ValueError):
+        return False
+
+
 def export_beside(model, ckpt_path: Path) -> None:
-    """model.pt2 next to a checkpoint, for `python 06_serve.py --checkpoint` (only if missing: one per run folder)."""
+    """model.pt2 next to a checkpoint, for `python 06_serve.py --checkpoint`: exported when it is missing or stale
+    (exported from a model with another config, e.g. after --overwrite with another model size), kept otherwise
+    (the graph holds no training state: the server loads the checkpoint's weights into it)."""
     target = ckpt_path.parent / EXPORT_NAME
-    if not target.exists():
-        try:
-            export_model(model, target)
-            print(f"已导出计算图：{target}（第 06 课可以直接服务它：python 06_serve.py --checkpoint {ckpt_path}）")
-        except (OSError, RuntimeError) as e:  # serving is optional: training results stay valid
-            print(f"[提示] 导出 {target} 失败（{type(e).__name__}）：不影响训练结果，只是第 06 课无法服务这个模型。")
+    found = export_matches(ckpt_path.parent, model.config)
+    if found:
+        return
+    try:
+        export_model(model, target)
+        what = "已导出计算图" if found is None else "旧的 model.pt2 与这个模型不符，已重新导出"
+        print(f"{what}：{target}（第 06 课可以直接服务它：python 06_serve.py --checkpoint {ckpt_path}）")
+    except (OSError, RuntimeError) as e:  # serving is optional: training results stay valid
+        print(f"[提示] 导出 {target} 失败（{type(e).__name__}）：不影响训练结果，只是第 06 课无法服务这个模型。")
 
 
 def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, resume_hint: str) -> None:
@@ -198,8 +227,8 @@ def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, resume_hin
     if not overwrite:
         raise UserError(f"{run_dir} 里已有上一次训练的检查点（{', '.join(p.name for p in existing)}），不会覆盖它："
                         f"接着训练用 {resume_hint}；确定从头训练并覆盖，加 --overwrite；或用 --out-dir 换个文件夹")
-    for p in existing:
-        p.unlink()
+    for p in existing + [run_dir / EXPORT_NAME, run_dir / EXPORT_META]:   # the old run's export goes too
+        p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -214,6 +243,27 @@ class TrainState:
     history: dict = field(default_factory=lambda: {"iter": [], "train_loss": [], "lr": []})
     evals: dict = field(default_factory=lambda: {"iter": [], "tokens": [], "time": [], "train": [], "val": [],
                                                   "sample": []})
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run of lesson 04 holds (built by the lesson's build_run; read by the functions here
+    that save, check, plot and summarise it)."""
+
+    raw: torch.nn.Module        # the GPT itself (no DDP / torch.compile wrapper): saved, evaluated, exported
+    model: torch.nn.Module      # what the training step calls: raw, or raw wrapped in torch.compile / DDP
+    opt: "torch.optim.Optimizer | Optimizers"
+    batch_gen: torch.Generator  # draws the training batches; its state goes into every checkpoint
+    state: TrainState
+    eval_sets: dict             # "train"/"val" -> the fixed offsets every evaluation uses
+    device: torch.device
+    world: int                  # number of data-parallel processes
+    dir: Path                   # this preset's folder: checkpoints, model.pt2, results.json, loss_curve.png
+    n_params: int
+    tokens_per_iter: int
+    train_time: float = 0.0     # set when the loop ends: seconds trained in this process (evaluations excluded)
+    tok_s: float = 0.0          # tokens per second over train_time
+    cpu_time: float = 0.0       # CPU seconds of this process over the loop
 
 
 def checkpoint_dict(model, optimizer, batch_gen: torch.Generator, state: TrainState, **extra) -> dict:
@@ -326,58 +376,7 @@ class StopSignal:
         signal.signal(signal.SIGINT, self._old)
 
 
-# ----------------------------------------------------------------------------- the lesson's flags
-def tiny_gpt_parser(lesson: str, doc: str, presets: dict):
-    """Every knob of lesson 04 as a flag. Model/training flags default to None = "use the preset"."""
-    from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_float,
-                            non_negative_int, positive_float, positive_int, probability)
-
-    p = course_parser(lesson, doc, groups=("device",))
-    p.add_argument("--preset", choices=list(presets), default="small", help="预设配置（--quick 等同 --preset quick）")
-    p.add_argument("--data", type=existing_file, default=None, help="训练用的 UTF-8 文本文件（默认：莎士比亚全集）")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="字符级或 BPE")
-    g = p.add_argument_group("模型（不填则用预设）")
-    for f in ["n_layer", "n_head", "n_embd", "block_size"]:
-        g.add_argument("--" + f.replace("_", "-"), type=positive_int, default=None)
-    g.add_argument("--dropout", type=fraction, default=None)
-    m = p.add_argument_group("从 GPT-2 到今天：每一处改动都能单独打开（不填则用预设）")
-    m.add_argument("--norm", choices=["layer", "rms"], default=None, help="LayerNorm（GPT-2）或 RMSNorm")
-    m.add_argument("--pos", choices=["learned", "rope"], default=None, help="学到的位置嵌入（GPT-2）或 RoPE")
-    m.add_argument("--qk-norm", choices=["off", "on"], default=None, help="注意力打分前把 q、k 归一化")
-    m.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"], default=None, help="MLP 的激活函数")
-    m.add_argument("--head", choices=["tied", "untied"], default=None, help="输出层与 token 嵌入共享权重或不共享")
-    m.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="muon：块里的矩阵用 Muon，其余 AdamW")
-    m.add_argument("--muon-lr", type=positive_float, default=None, help="Muon 的基础学习率（--lr 仍管 AdamW 那部分）")
-    t = p.add_argument_group("训练（不填则用预设）")
-    for flag, typ, text in [("--batch-size", positive_int, ""), ("--grad-accum", positive_int, "梯度累积步数"),
-                            ("--lr", positive_float, "基础学习率"), ("--min-lr-ratio", fraction, "余弦衰减的终点（lr 的倍数）"),
-                            ("--warmup-iters", non_negative_int, ""), ("--weight-decay", non_negative_float, ""),
-                            ("--beta2", fraction, "AdamW 的 β2"), ("--grad-clip", non_negative_float, "0 = 不裁剪"),
-                            ("--max-iters", positive_int, "最多训练多少步"),
-                            ("--time-budget", positive_float, "训练时间预算（分钟，不含中途评估）"),
-                            ("--evals", positive_int, "训练中评估（并打印样本）几次"),
-                            ("--eval-iters", positive_int, "每次评估用几个固定的 batch")]:
-        t.add_argument(flag, type=typ, default=None, help=text or None)
-    t.add_argument("--final-eval", choices=["fixed", "full"], default="fixed",
-                   help="最后的验证：fixed=固定的几个 batch；full=整个验证集")
-    t.add_argument("--autocast", choices=["off", "bf16"], default="off", help="训练时的 autocast 混合精度")
-    t.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
-    t.add_argument("--resume", nargs="?", type=Path, const=Path(), default=None,
-                   help="从检查点继续训练（不给路径 = <out-dir>/<预设>/ckpt_last.pt）")
-    t.add_argument("--overwrite", action="store_true", help="允许从头训练并覆盖该文件夹里已有的检查点")
-    t.add_argument("--stop-after", type=positive_int, default=None,
-                   help="训练到第 N 步就保存并退出（模拟中断，用来演示/测试续训）")
-    s = p.add_argument_group("生成")
-    s.add_argument("--sample-only", action="store_true", help="不训练，只从检查点生成文本")
-    s.add_argument("--checkpoint", type=existing_file, default=None, help="--sample-only 用的检查点（默认该预设的 best）")
-    s.add_argument("--prompt", type=str, default="\n", help="提示词（默认一个换行）")
-    add_max_new_tokens(s, 300)
-    s.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = 贪心")
-    s.add_argument("--top-k", type=non_negative_int, default=0, help="0 = 不限制")
-    s.add_argument("--top-p", type=probability, default=0.95)
-    return p
-
-
+# ----------------------------------------------------------------------------- a run: args, folder, resume
 def plain_args(a) -> dict:
     """Training args for a checkpoint / results.json: Paths as strings (torch.load(weights_only) needs plain types)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
@@ -408,13 +407,13 @@ def open_run(a, master: bool) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the resume invariant
-def check_resume_is_exact(run, ckpt_path: Path, rebuild, step, steps: int = 3) -> int:
+def check_resume_is_exact(run: TrainingRun, ckpt_path: Path, rebuild, step, steps: int = 3) -> int:
     """Self-check "resume == uninterrupted": continue `steps` steps from the in-memory training state (A)
     and from the checkpoint file through the same `restore` that --resume uses (B). Losses and weights must
     be bit-identical, else the checkpoint misses part of the state (optimizer moments, an RNG state...).
 
     rebuild(ck) -> (model, optimizer) freshly built from the checkpoint's config;
-    step(model, optimizer, batch_gen) -> loss of one training step. Raises UserError on a mismatch."""
+    step(model, optimizer, batch_gen) -> loss of one training step. Raises SelfCheckFailed (exit 1) on a mismatch."""
     rng = torch.get_rng_state()
     model_a, opt_a = copy.deepcopy((run.raw, run.opt))
     gen_a = torch.Generator().set_state(run.batch_gen.get_state())
@@ -427,15 +426,14 @@ def check_resume_is_exact(run, ckpt_path: Path, rebuild, step, steps: int = 3) -
     losses_b = [step(model_b, opt_b, gen_b) for _ in range(steps)]
     torch.set_rng_state(rng)
     same_weights = all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
-    if losses_a != losses_b or not same_weights:
-        raise UserError(f"自检失败：从检查点续训与不中断训练不一致（loss {losses_a} 对 {losses_b}，"
-                        f"权重{'相同' if same_weights else '不同'}）；检查点漏存了训练状态")
+    require(losses_a == losses_b and same_weights, f"从检查点续训与不中断训练不一致（loss {losses_a} 对 {losses_b}，"
+            f"权重{'相同' if same_weights else '不同'}）；检查点漏存了训练状态")
     print(f"自检通过：从 {ckpt_path.name} 续训 {steps} 步，loss 和权重与不中断训练逐位相同（最后一步 loss {losses_b[-1]:.6f}）")
     return steps
 
 
 # ----------------------------------------------------------------------------- plot and results.json
-def plot_losses(run, vocab_size: int, title: str) -> Path:
+def plot_losses(run: TrainingRun, vocab_size: int, title: str) -> Path:
     from common.plots import new_figure, save_figure
 
     st, ln_v = run.state, math.log(vocab_size)
@@ -451,7 +449,7 @@ def plot_losses(run, vocab_size: int, title: str) -> Path:
     return png
 
 
-def write_results(run, data: dict, a, full: dict, png: Path, resume_checked: int) -> Path:
+def write_results(run: TrainingRun, data: dict, a, full: dict, png: Path, resume_checked: int) -> Path:
     from common.outputs import save_results
 
     st, ev, tok = run.state, run.state.evals, data["tok"]
@@ -476,31 +474,7 @@ def write_results(run, data: dict, a, full: dict, png: Path, resume_checked: int
     return path
 
 
-# ----------------------------------------------------------------------------- presets, data, summary
-def apply_presets(parser, a, presets: dict, defaults: dict, quick_extra: dict):
-    """Preset values fill every flag left at None. Only --max-iters or only --time-budget given: the other
-    one no longer applies. `quick_extra` overrides the quick preset (e.g. fewer steps with the BPE tokenizer)."""
-    if a.quick:
-        a.preset = "quick"
-    given = {k for k, v in vars(a).items() if v is not None}
-    cfg = {**defaults, **presets[a.preset], **(quick_extra if a.preset == "quick" else {})}
-    if "max_iters" in given and "time_budget" not in given:
-        cfg["time_budget"] = None
-    if "time_budget" in given and "max_iters" not in given:
-        cfg["max_iters"] = None
-    for k, v in cfg.items():
-        if getattr(a, k, None) is None:
-            setattr(a, k, v)
-    if a.block_size < 2:
-        parser.error(f"--block-size 必须 ≥ 2（收到 {a.block_size}）")
-    if a.n_embd % a.n_head:
-        parser.error(f"--n-embd ({a.n_embd}) 必须能被 --n-head ({a.n_head}) 整除")
-    if a.pos == "rope" and (a.n_embd // a.n_head) % 2:
-        parser.error(f"RoPE 需要偶数的每头维度（--n-embd / --n-head = {a.n_embd // a.n_head}）")
-    a.run_dir = a.out_dir / a.preset                         # one folder per preset: runs never collide
-    return a
-
-
+# ----------------------------------------------------------------------------- data, summary
 def prepare_data(a, ck: dict | None, master: bool) -> dict:
     """Read and tokenize the text; the last 10% is the validation set. On resume the tokenizer and the data
     fingerprint come from the checkpoint (a different text cannot be resumed)."""
@@ -525,7 +499,7 @@ def prepare_data(a, ck: dict | None, master: bool) -> dict:
     return dict(text_chars=len(text), source=source, sha1=fingerprint, tok=tok, train=train, val=val)
 
 
-def print_summary(run, full: dict) -> None:
+def print_summary(run: TrainingRun, full: dict) -> None:
     st, ev = run.state, run.state.evals
     print(f"\n训练结束：{st.it} 步，{st.it * run.tokens_per_iter:,} 个 token，本次训练 {run.train_time:.1f}s，"
           f"{run.tok_s:,.0f} token/s；train {ev['train'][-1]:.3f} / val {ev['val'][-1]:.3f}（最好 {st.best_val:.3f}）")
@@ -562,13 +536,13 @@ class Optimizers:
             o.load_state_dict(sd)
 
 
-def run_checkpoint(run, data: dict, a) -> dict:
+def run_checkpoint(run: TrainingRun, data: dict, a) -> dict:
     """The checkpoint of a training run: checkpoint_dict + what --resume and --sample-only need to rebuild it."""
     return checkpoint_dict(run.raw, run.opt, run.batch_gen, run.state, model_config=run.raw.config,
                            tokenizer=data["tok"].state(), train_args=plain_args(a), data_sha1=data["sha1"])
 
 
-def save_if_best(run, data: dict, a) -> None:
+def save_if_best(run: TrainingRun, data: dict, a) -> None:
     """After an evaluation: a new lowest validation loss -> ckpt_best.pt."""
     va = run.state.evals["val"][-1]
     if va < run.state.best_val:
@@ -621,3 +595,18 @@ def print_param_table(model) -> int:
         print(f"  {name:<28s}{n:>10,d}")
     print(f"  {'总计':<28s}{total:>10,d}")
     return total
+
+
+# ----------------------------------------------------------------------------- lessons 05 and 08: one training record
+def train_record(losses: list, planned_steps: int, cut: bool, seconds: float, trainable_params: int, **extra) -> dict:
+    """What lessons 05 (LoRA) and 08 (DPO) report about one training run, under the same names in both
+    results.json: steps (done), planned_steps, cut_by_time_budget, train_seconds, trainable_params, losses."""
+    return {"steps": len(losses), "planned_steps": planned_steps, "cut_by_time_budget": cut,
+            "train_seconds": seconds, "trainable_params": trainable_params, "losses": losses, **extra}
+
+
+def training_facts(rec: dict) -> str:
+    """The same facts as one printed line (the same wording in lessons 05 and 08)."""
+    loss = f"，训练 loss {rec['losses'][0]:.3f} → {rec['losses'][-1]:.3f}" if rec["losses"] else ""
+    return (f"训练结束：{rec['steps']}/{rec['planned_steps']} 步，可训练参数 {rec['trainable_params']:,}，"
+            f"用时 {rec['train_seconds']:.1f} 秒{loss}")

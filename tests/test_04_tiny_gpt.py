@@ -223,6 +223,46 @@ def test_fresh_run_refuses_to_overwrite_a_previous_checkpoint(tmp_path, text_fil
     assert (tmp_path / "quick" / "ckpt_last.pt").exists()      # another preset: its own folder, no refusal
 
 
+def test_overwrite_and_sample_only_replace_a_stale_export(tmp_path, text_file, monkeypatch):
+    """Issue: after --overwrite with another model size the old model.pt2 stayed, lesson 06 failed, and the
+    suggested --sample-only did not re-export. Now: --overwrite removes the old export, --sample-only re-exports a
+    missing or stale one, and lesson 06's loader names that command. (export_model is faked: no real torch.export.)"""
+    from common import exported
+
+    exports = []
+
+    def fake_export(model, path):
+        exports.append(model.config["n_embd"])
+        path.write_bytes(b"graph")
+        path.with_name(training.EXPORT_META).write_text(json.dumps(model.config), encoding="utf-8")
+        return path
+
+    monkeypatch.setattr(training, "export_model", fake_export)
+    run = tmp_path / "small"
+    args = ["--data", str(text_file), *TINY, "--max-iters", "3", "--out-dir", str(tmp_path)]
+    tg.main(args)
+    ckpt = run / "ckpt_best.pt"
+    assert exports == [32] and training.export_matches(run, training.load_checkpoint(ckpt)["model_config"])
+    stale_meta = (run / training.EXPORT_META).read_text(encoding="utf-8")
+    training.claim_run_folder(run, resume=False, overwrite=True, resume_hint="")   # what --overwrite does first
+    assert not (run / training.EXPORT_NAME).exists() and not (run / training.EXPORT_META).exists()
+    tg.main([*args, "--n-embd", "16", "--overwrite"])          # another model size: a fresh export of it
+    assert exports == [32, 16]
+    (run / training.EXPORT_META).write_text(stale_meta, encoding="utf-8")   # an export of the old model size
+    with pytest.raises(UserError, match="--sample-only") as e:
+        exported.load_tiny_gpt(ckpt)
+    assert "重新导出" in str(e.value) and str(ckpt) in str(e.value)
+    tg.main(["--sample-only", "--out-dir", str(tmp_path), "--max-new-tokens", "5"])   # the command it suggests
+    assert exports == [32, 16, 16] and training.export_matches(run, training.load_checkpoint(ckpt)["model_config"])
+    tg.main(["--sample-only", "--out-dir", str(tmp_path), "--max-new-tokens", "5"])
+    assert exports == [32, 16, 16]                              # a current export is kept
+    (run / training.EXPORT_NAME).unlink()
+    with pytest.raises(UserError, match="导出它"):
+        exported.load_tiny_gpt(ckpt)
+    tg.main(["--sample-only", "--out-dir", str(tmp_path), "--max-new-tokens", "5"])
+    assert exports == [32, 16, 16, 16]
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 

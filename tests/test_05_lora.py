@@ -175,13 +175,14 @@ def test_training_runs_the_planned_steps_and_the_cap_cuts_and_says_so(tiny):
     params = [p for p in model.parameters() if p.requires_grad]
     before = L5.heldout_loss(model, data)
     full = L5.train(model, params, data, steps=5, lr=1e-2, batch_size=4, seed=0, desc="t")
-    assert full["steps"] == full["planned_steps"] == 5 and not full["cut_by_time_cap"]
+    assert full["steps"] == full["planned_steps"] == 5 and not full["cut_by_time_budget"]
+    assert full["trainable_params"] == sum(p.numel() for p in params) and full["train_seconds"] > 0
     assert L5.cap_warning(full) == ""
     assert L5.heldout_loss(model, data) < before                  # it learns (loss on the same examples)
     model = wrapped(tiny).train()
     params = [p for p in model.parameters() if p.requires_grad]
     cut = L5.train(model, params, data, steps=5, lr=1e-2, batch_size=4, seed=0, cap_s=0.0, desc="t")
-    assert cut["steps"] == 1 and cut["planned_steps"] == 5 and cut["cut_by_time_cap"]
+    assert cut["steps"] == 1 and cut["planned_steps"] == 5 and cut["cut_by_time_budget"]
     assert cut["losses"][0] == full["losses"][0]                  # same batches, same first step
     text = L5.cap_warning(cut)
     assert "1/5" in text and "--time-budget" in text and "不能用来评价" in text
@@ -327,7 +328,7 @@ def test_a_tiny_time_cap_is_reported_loudly(script_env):
                         "--full-ft", "0"], cwd=REPO, env=script_env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((Path(script_env["LLM_COURSE_OUTPUTS"]) / "05_lora" / "results.json").read_text("utf-8"))
-    assert res["training_cut_short"] and res["lora_train"]["cut_by_time_cap"]
+    assert res["training_cut_short"] and res["lora_train"]["cut_by_time_budget"]
     assert res["lora_train"]["steps"] == 1 and res["lora_train"]["planned_steps"] == 8
     assert "⚠ 训练被时间上限截断：只跑了 1/8 步" in r.stdout
     assert r.stdout.count("训练被时间上限截断") == 2                  # after training and again in the summary

@@ -177,6 +177,8 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
                   tmp_path / "adapter.safetensors")
     after = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
     assert tr["steps"] == 30 and not tr["cut_by_time_budget"] and (tmp_path / "adapter.safetensors").is_file()
+    assert tr["planned_steps"] == 30 and len(tr["losses"]) == 30 and tr["train_seconds"] > 0     # lesson 05's names
+    assert tr["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert after["reward_accuracy"] > before["reward_accuracy"]
     assert after["reward_accuracy"] >= 0.75 and after["mean_margin"] > 0 and after["kl_per_token"] > 0
 
@@ -219,6 +221,7 @@ def test_sft_then_dpo_uses_the_sft_policy_as_reference(tmp_path):
     finally:
         L8.train, L8.dpo_objective = real_train, real_obj
     assert seen == [(0, 2), (2, 3)] and tr["steps"] == 5 and tr["phase_steps"] == [2, 3]
+    assert tr["planned_steps"] == 5 and len(tr["losses"]) == len(tr["history"]["acc"]) + 2 == 5
     assert first_dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)      # policy == reference at DPO step 0
     ref = first_dpo["ref"]
     used = L8.batch_order(12, 5, 2, 0)[4:10]
