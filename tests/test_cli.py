@@ -128,3 +128,32 @@ def test_defaults_resolve_flag_then_env_then_builtin(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         p.parse_args([])
     assert e.value.code == 2
+
+
+def _lesson_shape_problems(path: Path) -> list[str]:
+    """What breaks the one lesson shape in a lesson file (read with ast, nothing imported)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    problems = [f"no {name}(argv)" for name in ("parse_args", "main")
+                if name not in top or [a.arg for a in top[name].args.args][:1] != ["argv"]]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+            problems.append(f"{node.name}() is {node.end_lineno - node.lineno + 1} lines (> 60)")
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+            problems.append(f"line {node.lineno}: sys.path (the script's folder is already on it)")
+        if isinstance(node, ast.IfExp) and isinstance(node.test, ast.Attribute) and node.test.attr == "quick":
+            problems.append(f"line {node.lineno}: `x if args.quick else y` (declare the knob with add_knob)")
+        if isinstance(node, ast.ClassDef) and node.name == "SelfCheckFailed":
+            problems.append(f"line {node.lineno}: its own SelfCheckFailed (use common.errors.require)")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("自检失败"):
+            problems.append(f"line {node.lineno}: a hand-made '自检失败' error (use common.errors.require)")
+    return problems
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in REPO.glob("0[0-9]_*.py")))
+def test_every_lesson_has_the_one_shape(script):
+    """parse_args(argv) and main(argv); no sys.path hack; knobs via add_knob, self-checks via require;
+    no function over 60 lines."""
+    assert _lesson_shape_problems(REPO / script) == []
