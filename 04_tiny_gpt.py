@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.cli import (add_max_new_tokens, course_parser, existing_file, fraction, non_negative_float,
+from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, fraction, non_negative_float,
                         non_negative_int, positive_float, positive_int, probability, setup_run)
 from common.errors import run_cli
 from common.sampling import sample_next_token
@@ -540,10 +540,8 @@ def add_sampling_flags(p) -> None:
 
 
 def apply_presets(p, a):
-    """预设的值填进每个没填的旋钮（--quick = 预设 quick；配 BPE 时再用 QUICK_BPE）。只给了 --max-iters 或只给了
+    """预设的值填进每个没填的旋钮（--quick 时预设是 quick，配 BPE 时再用 QUICK_BPE）。只给了 --max-iters 或只给了
     --time-budget：另一个就不再生效。"""
-    if a.quick:
-        a.preset = "quick"
     given = {k for k, v in vars(a).items() if v is not None}
     cfg = {**DEFAULTS, **PRESETS[a.preset], **(QUICK_BPE if a.preset == "quick" and a.tokenizer == "bpe" else {})}
     if "max_iters" in given and "time_budget" not in given:
@@ -566,7 +564,7 @@ def apply_presets(p, a):
 def parse_args(argv=None):
     """本课的每个旋钮都是一个参数；没填的取预设里的值。每个预设写到自己的文件夹 <out-dir>/<预设>/。"""
     p = course_parser(NAME, __doc__, groups=("device",))
-    p.add_argument("--preset", choices=list(PRESETS), default="small", help="预设配置（--quick 等同 --preset quick）")
+    add_knob(p, "--preset", choices=list(PRESETS), default="small", quick="quick", help="预设配置")
     p.add_argument("--data", type=existing_file, default=None, help="训练用的 UTF-8 文本文件（默认：莎士比亚全集）")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="字符级或 BPE")
     add_model_flags(p)

@@ -292,6 +292,8 @@ def test_quick_with_bpe_trains_fewer_smaller_steps_but_flags_still_win():
     assert (a.max_iters, a.batch_size) == (tg.QUICK_BPE["max_iters"], tg.QUICK_BPE["batch_size"])
     a = tg.parse_args(["--quick", "--tokenizer", "bpe", "--max-iters", "7", "--batch-size", "3"])
     assert (a.max_iters, a.batch_size) == (7, 3)
+    a = tg.parse_args(["--quick", "--preset", "medium"])              # --preset is a knob too: a given value wins
+    assert (a.preset, a.time_budget, a.max_iters) == ("medium", 3.0, None)
 
 
 def test_bpe_tokenizer_compacts_vocab_and_round_trips(text_file):
