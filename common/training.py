@@ -551,7 +551,9 @@ def save_if_best(run: TrainingRun, data: dict, a) -> None:
 
 
 def sample_only(a, device, model_class, generate) -> None:
-    """--sample-only: load a checkpoint (default: this preset's best) and generate from --prompt."""
+    """--sample-only: load a checkpoint (default: this preset's best) and generate from --prompt. On the way it
+    exports model.pt2 beside the checkpoint when that is missing or stale (export_beside), so that
+    `python 06_serve.py --checkpoint` works: the command lesson 06's error message suggests."""
     path = a.checkpoint or a.run_dir / "ckpt_best.pt"
     ck = load_checkpoint(path)
     tok = tokenizer_from_state(ck["tokenizer"])
