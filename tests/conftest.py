@@ -114,9 +114,53 @@ def lesson_runs(tmp_path_factory) -> LessonRuns:
     return LessonRuns(tmp_path_factory.mktemp("lesson_runs"))
 
 
+class FakePipSubprocess:
+    """Stands in for the `subprocess` module inside common/downloads.py: `python -m pip download` is answered
+    the way pip answers it with PIP_NO_INDEX=1 and PIP_FIND_LINKS=<folder> (copy the wheel named like the
+    pinned requirement into -d, or exit 1 with pip's two error lines); anything else goes to the real module.
+    A real pip run costs a new Python process (~0.5-1 s); tests marked real_pip run the real one."""
+
+    def __init__(self):
+        import subprocess
+
+        self._real = subprocess
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def run(self, cmd, *args, **kwargs):
+        import re
+        import shutil
+
+        if list(cmd[1:4]) != ["-m", "pip", "download"]:
+            return self._real.run(cmd, *args, **kwargs)
+        assert os.environ.get("PIP_NO_INDEX") == "1" and "--no-deps" in cmd, cmd
+        requirement, dest = cmd[-1], Path(cmd[cmd.index("-d") + 1])
+        name, version = requirement.split("==")
+        norm = re.sub(r"[-_.]+", "_", name).lower()
+        ext = ".tar.gz" if "--no-binary" in cmd else ".whl"
+        for f in sorted(Path(os.environ["PIP_FIND_LINKS"]).iterdir()):
+            dist, _, rest = f.name.partition("-")      # <dist>-<version>-<tags>.whl, <dist>-<version>.tar.gz
+            same = re.sub(r"[-_.]+", "_", dist).lower() == norm and rest.startswith(version + ("-" if ext == ".whl" else "."))
+            if same and f.name.endswith(ext):
+                shutil.copy(f, dest / f.name)
+                return self._real.CompletedProcess(cmd, 0, f"Saved {dest / f.name}\n", "")
+        return self._real.CompletedProcess(cmd, 1, f"Looking in links: {os.environ['PIP_FIND_LINKS']}\n",
+                                           f"ERROR: Could not find a version that satisfies the requirement {requirement} "
+                                           f"(from versions: none)\nERROR: No matching distribution found for {requirement}\n")
+
+
+@pytest.fixture(scope="session")
+def fake_pip_subprocess():
+    """The stand-in class itself (tests/test_model_files.py compares it with the real pip)."""
+    return FakePipSubprocess
+
+
 @pytest.fixture()
-def local_index(tmp_path, monkeypatch):
-    """pip's own configuration, pointed at a local find-links folder only (no network, no user config)."""
+def local_index(tmp_path, monkeypatch, request):
+    """pip's own configuration, pointed at a local find-links folder only (no network, no user config).
+    `pip download` itself is faked at the process boundary (FakePipSubprocess) unless the test is marked
+    real_pip: a few tests run the real pip against the same folder."""
     index = tmp_path / "index"
     index.mkdir()
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -124,6 +168,10 @@ def local_index(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LLM_COURSE_NO_DOWNLOAD", raising=False)
+    if request.node.get_closest_marker("real_pip") is None:
+        from common import downloads
+
+        monkeypatch.setattr(downloads, "subprocess", FakePipSubprocess())
     return index
 
 

