@@ -181,7 +181,7 @@ def export_model(model, path: Path) -> Path:
     shapes = ({0: Dim("batch", min=2, max=4096), 1: Dim("length", min=2, max=model.block_size)},)
     with torch.no_grad():
         program = export(model, (example,), dynamic_shapes=shapes)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)   # model.tmp.pt2: torch.export warns unless it ends in .pt2
     save(program, str(tmp))
     os.replace(tmp, path)
     meta.write_text(json.dumps(model.config, sort_keys=True), encoding="utf-8")
