@@ -186,6 +186,25 @@ def restore_torch_globals():
     torch.set_flush_denormal(False)
 
 
+@pytest.fixture(scope="module")
+def no_torch_export():
+    """common.training.export_model replaced by a stand-in that writes a placeholder model.pt2 and the real
+    metadata beside it, for test modules that train lesson 04 but never load the exported graph (a real
+    torch.export costs 0.3-1.6 s per run). tests/test_06_serve.py serves a really exported tiny GPT."""
+    import json
+
+    from common import training
+
+    def stand_in(model, path):
+        path.write_bytes(b"placeholder, not a torch.export graph (tests/conftest.py no_torch_export)")
+        path.with_name(training.EXPORT_META).write_text(json.dumps(model.config, sort_keys=True), encoding="utf-8")
+        return path
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(training, "export_model", stand_in)
+        yield
+
+
 @pytest.fixture()
 def data_generator(tmp_path, monkeypatch):
     """data/<set>/make_dataset.py loaded as a fresh module (it is a script, not a package), writing to tmp_path."""

@@ -14,7 +14,7 @@ tg = importlib.import_module("04_tiny_gpt")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore(restore_torch_globals):
+def _restore(restore_torch_globals, no_torch_export):   # no real torch.export: no test here loads model.pt2
     yield
 
 

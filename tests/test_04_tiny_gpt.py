@@ -23,7 +23,7 @@ from common.sampling import sampling_probs  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore(restore_torch_globals):
+def _restore(restore_torch_globals, no_torch_export):   # no real torch.export: no test here loads model.pt2
     yield
 
 
@@ -263,16 +263,27 @@ def test_overwrite_and_sample_only_replace_a_stale_export(tmp_path, text_file, m
     assert exports == [32, 16, 16, 16]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+@pytest.fixture()
+def _cli(capsys, monkeypatch):
+    """`python 04_tiny_gpt.py <args>` through the script's entry point (run_cli(main), sys.argv set) inside this
+    process: a new one would spend seconds importing torch (tests/test_cli.py runs one as a real process)."""
+    from common.errors import run_cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+        with pytest.raises(SystemExit) as e:
+            run_cli(tg.main)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, e.value.code, out.out, out.err)
+    return run
 
 
-def test_bad_flags_exit_nonzero_with_message(tmp_path):
+def test_bad_flags_exit_nonzero_with_message(tmp_path, _cli):
     r = _cli("--n-embd", "30", "--n-head", "4", "--max-iters", "1")
     assert r.returncode == 2 and "整除" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
+def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path, _cli):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint" * 10)
     r = _cli("--sample-only", "--checkpoint", str(bad))
