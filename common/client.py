@@ -140,6 +140,11 @@ class LLMClient:
 
     def _use_local(self, reason: str) -> None:
         self.backend, self.reason = "local", reason
+        from common.model_files import LOCAL_MODELS, explicit_model_file, model_of_file
+        explicit = explicit_model_file(self.model_file, self.local_key)
+        if explicit is not None:   # the file the user pointed at decides which model runs (its own metadata)
+            self.local_key = model_of_file(explicit, self.local_key, quiet=not self.verbose)
+            self.local_info = LOCAL_MODELS[self.local_key]
         self.model_name = f"{self.local_info.name} (local)"
 
     def _connect(self, probe: bool) -> None:

@@ -5,6 +5,12 @@ Loading: the GGUF stores quantized matrices (Q4_1/Q8_0); the ``gguf`` package de
 float arrays. That takes ~5 s, so the float32 weights are cached once as a safetensors file in the
 user cache directory (~540 MB) and later loads read that (about a second).
 
+Which model a file holds is read from the file itself (common/model_files.select_model_file: GGUF
+metadata), never from its name or --local-model alone. The derived caches are keyed by the file's
+content: its SHA-256 and size (content_key). The official files' hashes are known (verified when they
+were fetched); any other file is hashed once and the digest remembered (common/wheels.file_sha256), so
+the same model under another name or path shares one cache and a different model never gets another's.
+
 dtype: "fp32" (default) is the reference path the tests compare against. "int8" uses torch's own
 dynamic quantization of the Linear layers (int8 weights, activations quantized on the fly) —
 decoding one token is memory-bound, so fewer bytes read = faster. Small LLMs have a few huge
@@ -28,7 +34,7 @@ import torch
 from common.device import get_device
 from common.errors import UserError
 from common.llama import Llama, LlamaConfig
-from common.model_files import LOCAL_MODELS, find_model_file, resolve_local_model
+from common.model_files import GGUF_NAME, LOCAL_MODELS, QWEN, ModelFile, resolve_local_model, select_model_file
 from common.outputs import cache_dir
 from common.generate import generate
 from common.tokenizer import ChatTokenizer, load_tokenizer
@@ -67,6 +73,15 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     import gguf
     import numpy as np
 
+    try:
+        return _read_gguf(path, gguf, np)
+    except UserError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as e:  # gguf's own errors: one line, no traceback
+        raise UserError(f"无法读取模型文件 {path}（{type(e).__name__}: {str(e)[:120]}）：文件可能已损坏，请重新下载。") from None
+
+
+def _read_gguf(path: Path, gguf, np) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     reader = gguf.GGUFReader(str(path))
     f = reader.fields
 
@@ -102,14 +117,45 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     return cfg, weights
 
 
-def _cached_weights(path: Path, verbose: bool) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+OFFICIAL_NAMES = {"smollm2": GGUF_NAME, "qwen0.5b": QWEN.file_name}
+
+
+def content_key(mf: ModelFile) -> str:
+    """Names the derived caches of a GGUF file by its content: model, SHA-256 (first 16 hex digits) and
+    size. The SHA-256 is the pinned one for the course's own verified file, else computed once per version
+    of the file (common/wheels.file_sha256; ~1-2 s per 500 MB the first time)."""
+    from common.wheels import file_sha256
+
+    digest = mf.sha256 or file_sha256(mf.path)
+    return f"{mf.key}-{digest[:16]}-{mf.path.stat().st_size}"
+
+
+def _adopt_legacy(mf: ModelFile, new: Path, legacy_suffix: str) -> None:
+    """Caches written before content keys were named '<file stem>-<size>-...'. For the official file
+    (hash verified) such a cache is its own: rename it instead of spending seconds and disk on a second one."""
+    info = mf.info
+    if (mf.sha256 or "") != info.sha256:
+        return
+    old = new.parent / f"{Path(OFFICIAL_NAMES[mf.key]).stem}-{info.size}-{legacy_suffix}"
+    try:
+        if new.exists():
+            old.unlink(missing_ok=True)     # written again by an older copy of the course: a duplicate
+        else:
+            os.replace(old, new)
+    except OSError:      # not there, or another process moved it first
+        pass
+
+
+def _cached_weights(mf: ModelFile, verbose: bool) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     import json
 
     from safetensors.torch import load_file, save_file
 
-    st = path.stat()
-    base = f"{path.stem}-{st.st_size}-fp32"      # note: path.stem itself contains a dot (".Q4_1")
+    path = mf.path
+    base = f"{content_key(mf)}-fp32"
     wfile, cfile = cache_dir("derived") / f"{base}.safetensors", cache_dir("derived") / f"{base}.json"
+    _adopt_legacy(mf, cfile, "fp32.json")
+    _adopt_legacy(mf, wfile, "fp32.safetensors")
     if wfile.is_file() and cfile.is_file():
         try:
             cfg = LlamaConfig(**json.loads(cfile.read_text()))
@@ -236,11 +282,13 @@ def _int8_skeleton(cfg: LlamaConfig) -> Llama:
     return model
 
 
-def _load_int8_cached(path: Path, cfg: LlamaConfig, weights: dict[str, torch.Tensor]) -> Llama:
+def _load_int8_cached(mf: ModelFile, cfg: LlamaConfig, weights: dict[str, torch.Tensor]) -> Llama:
     """Quantizing 135 M weights takes seconds; the quantized state dict is cached (~250 MB) instead."""
     from common.llama import rope_tables
 
-    qfile = cache_dir("derived") / f"{path.stem}-{path.stat().st_size}-int8-sq{SMOOTH_ALPHA}.pt"
+    path = mf.path
+    qfile = cache_dir("derived") / f"{content_key(mf)}-int8-sq{SMOOTH_ALPHA}.pt"
+    _adopt_legacy(mf, qfile, f"int8-sq{SMOOTH_ALPHA}.pt")
     if qfile.is_file():
         try:
             with warnings.catch_warnings():
@@ -299,23 +347,24 @@ def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = 
                      verbose: bool = True, model: str | None = None) -> LocalModel:
     """Load (once per process) a local model.
 
-    model: smollm2 (default) | qwen0.5b, else $LLM_LOCAL_MODEL; path: an explicit GGUF file of that model;
-    dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
-    key = resolve_local_model(model)
+    model: smollm2 (default) | qwen0.5b, else $LLM_LOCAL_MODEL; path: an explicit GGUF file (the model it
+    holds is read from its metadata: when that is not `model`, the file wins and one line says so; a file
+    that is no usable GGUF -> UserError); dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
     dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
     device = get_device() if device is None else torch.device(device)
-    gguf_path = find_model_file(path, model=key)
+    mf = select_model_file(path, resolve_local_model(model))
+    gguf_path = mf.path
     cache_key = (str(gguf_path), dtype, str(device))
     if cache_key in _LOADED:
         return _LOADED[cache_key]
     t0 = time.perf_counter()
-    cfg, weights = _cached_weights(gguf_path, verbose)
+    cfg, weights = _cached_weights(mf, verbose)
     tok = load_tokenizer(gguf_path)
     if dtype == "int8" and device.type == "cpu":
-        model_ = _load_int8_cached(gguf_path, cfg, weights)
+        model_ = _load_int8_cached(mf, cfg, weights)
     else:
         model_ = build_model(cfg, weights, device, dtype, tok)
-    lm = LocalModel(model_, tok, gguf_path, device, dtype, time.perf_counter() - t0, key)
+    lm = LocalModel(model_, tok, gguf_path, device, dtype, time.perf_counter() - t0, mf.key)
     _LOADED[cache_key] = lm
     return lm
 

