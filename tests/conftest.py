@@ -52,6 +52,32 @@ def script_env(tmp_path) -> dict:
     return env
 
 
+@pytest.fixture()
+def run_script(script_env, monkeypatch, capsys):
+    """`python <script> <args>` inside this process: the script file runs as __main__ (runpy, so through its own
+    `if __name__ == "__main__": run_cli(main)`) with that sys.argv, the repo root as cwd and script_env's
+    environment (or `env`). It skips the seconds a new process spends importing torch; tests/test_cli.py
+    runs one bad flag as a real process. For quick error paths only: nothing here stops a hanging run.
+    Returns a CompletedProcess (returncode, stdout, stderr); an exception run_cli lets through propagates."""
+    import runpy
+    import subprocess
+
+    def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        for k, v in (script_env if env is None else env).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.chdir(REPO_ROOT)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()                                   # only this run's output
+        try:
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _no_api_config_from_outside(monkeypatch):
     """A developer's own OPENAI_* variables or .env must not leak into tests: set them empty

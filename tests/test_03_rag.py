@@ -9,8 +9,6 @@ import importlib
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -256,11 +254,6 @@ def test_recall_monotone_check():
         rag.check_recall_monotone({"bm25": {"recall@1": 0.8, "recall@3": 0.7, "recall@5": 0.9, "mrr@10": 0.6}})
 
 
-def _run(args, env, timeout=300):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
-
-
 @pytest.fixture()
 def small_docs(tmp_path) -> Path:
     d = tmp_path / "docs"
@@ -310,11 +303,11 @@ def test_empty_or_blank_folder_is_a_user_error(tmp_path):
         ret.load_docs(tmp_path / "blank")
 
 
-def test_non_utf8_file_is_a_clean_error(tmp_path, script_env):
+def test_non_utf8_file_is_a_clean_error(tmp_path, run_script):
     d = tmp_path / "gbk"
     d.mkdir()
     (d / "notes.txt").write_bytes("请假制度：每年十天。".encode("gbk"))
-    p = _run(["--docs", str(d), "--backend", "local", "--json"], script_env)
+    p = run_script(SCRIPT.name, "--docs", str(d), "--backend", "local", "--json")   # in-process (tests/conftest.py)
     assert p.returncode == 2 and p.stdout == ""
     assert "UTF-8" in p.stderr and "notes.txt" in p.stderr and "Traceback" not in p.stderr
 

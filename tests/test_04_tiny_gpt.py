@@ -5,8 +5,6 @@ import importlib
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -264,18 +262,9 @@ def test_overwrite_and_sample_only_replace_a_stale_export(tmp_path, text_file, m
 
 
 @pytest.fixture()
-def _cli(capsys, monkeypatch):
-    """`python 04_tiny_gpt.py <args>` through the script's entry point (run_cli(main), sys.argv set) inside this
-    process: a new one would spend seconds importing torch (tests/test_cli.py runs one as a real process)."""
-    from common.errors import run_cli
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
-        with pytest.raises(SystemExit) as e:
-            run_cli(tg.main)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(sys.argv, e.value.code, out.out, out.err)
-    return run
+def _cli(run_script):
+    """`python 04_tiny_gpt.py <args>`, run in this process (tests/conftest.py run_script)."""
+    return lambda *args: run_script(SCRIPT.name, *args)
 
 
 def test_bad_flags_exit_nonzero_with_message(tmp_path, _cli):

@@ -20,8 +20,6 @@ import json
 import bisect
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,11 +192,10 @@ def test_unsupported_keyword_gives_chinese_error_naming_it(schema, keyword):
     assert keyword in str(e.value) and CJK.search(str(e.value))
 
 
-def test_unsupported_keyword_from_the_command_line(tmp_path, script_env):
+def test_unsupported_keyword_from_the_command_line(tmp_path, run_script):
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "string", "minLength": 2}}, "required": ["x"]}))
-    r = subprocess.run([sys.executable, "07_structured_output.py", "--schema", str(f), "--prompt", "hi"], cwd=REPO,
-                       env=script_env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    r = run_script("07_structured_output.py", "--schema", str(f), "--prompt", "hi")   # in-process (tests/conftest.py)
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(err) == 1 and "minLength" in err[0] and CJK.search(err[0]), r.stderr
 
