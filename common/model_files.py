@@ -276,11 +276,16 @@ def explicit_model_file(path: str | os.PathLike | None, model: str | None = None
     return Path(explicit).expanduser() if explicit else None
 
 
+_SAID: set[tuple[str, str]] = set()
+
+
 def model_of_file(path: str | os.PathLike, model: str | None = None, quiet: bool = False) -> str:
     """The model an explicit file holds (identify_model_file). When it is not the one --local-model /
     LLM_LOCAL_MODEL chose, the file wins and one line on stderr says so."""
     requested, key = resolve_local_model(model), identify_model_file(path)
-    if key != requested and not quiet:
+    said = (str(Path(path).resolve()), requested)
+    if key != requested and not quiet and said not in _SAID:   # once per process (client, then the lesson)
+        _SAID.add(said)
         got, want = LOCAL_MODELS[key], LOCAL_MODELS[requested]
         print(f"[模型] {Path(path).name} 按文件自身的元数据是 {got.name}（{got.architecture} 架构），"
               f"不是 --local-model 选的 {want.name}：按文件运行 {got.name}（{got.languages}）。",

@@ -37,6 +37,7 @@ def _own_cache(tmp_path, monkeypatch):
     for var in ("LLM_LOCAL_MODEL", "SMOLLM_GGUF", "QWEN_GGUF", "LLM_COURSE_DEBUG"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(wheels, "_HASHED", {})
+    monkeypatch.setattr(model_files, "_SAID", set())
 
 
 def write_gguf(path: Path, arch: str = "llama", blocks: int = 1, dim: int = 8, vocab: int = 16, pre: str = "smollm",
@@ -105,6 +106,8 @@ def test_a_file_that_contradicts_local_model_wins_and_says_so_in_one_line(fakes,
     assert err.count("\n") == 0 and "Qwen2.5-Coder-0.5B-Instruct" in err and "中文和英文" in err
     assert model_files.model_of_file(fakes["smollm2"], "smollm2") == "smollm2"
     assert capsys.readouterr().err == ""                                # agreeing: nothing to say
+    assert model_files.model_of_file(fakes["qwen0.5b"], "smollm2") == "qwen0.5b"
+    assert capsys.readouterr().err == ""                                # said once per process
 
 
 def test_select_model_file_follows_the_file(fakes, monkeypatch, capsys):
@@ -281,10 +284,17 @@ def test_real_smollm2_under_another_name_is_recognised_and_shares_the_cache(tmp_
     copy = tmp_path / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"   # Qwen's name, SmolLM2's bytes
     shutil.copy(real, copy)
     capsys.readouterr()
+    from common.client import LLMClient
+
+    client = LLMClient(backend="local", local_model="qwen0.5b", model_file=str(copy), local_dtype="fp32",
+                       device="cpu")
+    assert client.model_name == "SmolLM2-135M-Instruct (local)"
+    # A lesson then loads it itself with its own --local-model: same model, and the note is not repeated.
     lm = local_model.load_local_model(copy, dtype="fp32", device="cpu", verbose=True, model="qwen0.5b")
+    assert client.local() is lm
     err = capsys.readouterr().err
     assert lm.key == "smollm2" and lm.info.name == "SmolLM2-135M-Instruct" and lm.info.languages == "只懂英文"
-    assert "按文件运行 SmolLM2-135M-Instruct" in err
+    assert err.count("按文件运行 SmolLM2-135M-Instruct") == 1
     assert local_model.content_key(ModelFile(copy, "smollm2", None)) == key        # hashed: the official content
     assert sorted(p.name for p in cache_dir("derived").glob("*-fp32.safetensors")) == before == [f"{key}-fp32.safetensors"]
     assert official_cache[0] == lm.config
