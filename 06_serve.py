@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import os
 import secrets
 import threading
@@ -54,12 +55,18 @@ from common.outputs import save_results
 from common.sampling import sample_next_token
 # Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
 # 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
-from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind, error_response,
-                            install_plumbing, settings_from_env, sse)
+from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind, error_body,
+                            error_response, install_plumbing, reject_unsupported, settings_from_env, sse)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
 SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
+SEED = dict(ge=-2**63, le=2**64 - 1)        # torch.Generator.manual_seed 能接受的范围：超出就在 API 边界回 422
+# OpenAI 有、本服务器没实现的参数：只接受"等于不用"的值（列出的那些），其他值回 400 unsupported_parameter
+UNSUPPORTED_DEFAULTS = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+                        "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+                        "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+                        "user": None, "metadata": None, "store": (False,)}   # None = 任何值都行（只是标注）
 
 
 # ================================================================ 第 1 部分：连续批处理引擎
@@ -81,7 +88,7 @@ class Job:
     slot: int = -1                 # 占用 KV 缓存的哪一行
     fed: int = 0                   # 提示词已经喂进模型多少个 token（长提示词分块预填充）
     generated: list = field(default_factory=list)
-    cancelled: bool = False
+    cancelled: str | None = None   # 取消的原因（"cancelled" = 客户端断开，"shutdown" = 服务器关闭）
     finish_reason: str | None = None
     t_submit: float = 0.0
     t_last: float = 0.0
@@ -103,6 +110,7 @@ class Engine:
         self.slots: list[Job | None] = [None] * max_batch
         self.limit = max_batch
         self.waiting: collections.deque[Job] = collections.deque()
+        self.calls: collections.deque = collections.deque()   # 在引擎线程里、两步之间执行的函数（如 embeddings）
         self.cv = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -142,11 +150,31 @@ class Engine:
             self.cv.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
-        """客户端断开：下一步开始时这个序列就退出，位置立刻让给别人。"""
-        job.cancelled = True
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """客户端断开（或服务器关闭）：下一步开始时这个序列就退出，位置立刻让给别人。"""
+        job.cancelled = reason
         with self.cv:
             self.cv.notify()
+
+    def cancel_all(self, reason: str) -> int:
+        """取消所有运行中和等待中的请求（服务器关闭前），返回取消了几个。"""
+        with self.cv:
+            jobs = [j for j in self.slots if j] + list(self.waiting)
+            for job in jobs:
+                job.cancelled = reason
+            self.cv.notify()
+        return len(jobs)
+
+    def call(self, fn: Callable) -> concurrent.futures.Future:
+        """让 fn() 在引擎线程里、两步之间执行（所有 torch 运算都留在这一个线程，见 start() 的注释）。"""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cv:
+            self.calls.append((fn, fut))
+            self.cv.notify()
+        return fut
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     def busy(self) -> tuple[int, int]:
         return len(self.waiting), sum(j is not None for j in self.slots)
@@ -191,37 +219,54 @@ class Engine:
     # ---- 调度循环
     def _loop(self) -> None:
         while True:
-            with self.cv:
-                self._admit()
-                while self.running and not any(self.slots):
-                    self.cv.wait()
-                    self._admit()
-                if not self.running:
-                    return
             try:
-                self.step()
-            except Exception:                 # 一步出错：结束当前这些请求，引擎继续服务后来的
+                with self.cv:
+                    self._admit()
+                    while self.running and not any(self.slots) and not self.calls:
+                        self.cv.wait()
+                        self._admit()
+                    if not self.running:
+                        return
+                self._run_calls()
+                if any(self.slots):
+                    self.step()
+            except Exception:                 # 出了任何错：结束当前这些请求，引擎继续服务后来的
                 traceback.print_exc()
                 for job in [j for j in self.slots if j]:
                     self._finish(job, "error")
 
+    def _run_calls(self) -> None:
+        while self.calls:
+            fn, fut = self.calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:        # 错误交给等结果的那一方
+                    fut.set_exception(e)
+
     def _admit(self) -> None:
         """等待中的请求占据空闲的行（最小的空行号，让运行中的行尽量挤在前面）。"""
-        for i, job in enumerate(self.slots):
+        for job in self.slots:
             if job is not None and job.cancelled:
-                self._finish(job, "cancelled")
+                self._finish(job, job.cancelled)
         while self.waiting and self.waiting[0].cancelled:
-            self._finish(self.waiting.popleft(), "cancelled")
+            job = self.waiting.popleft()
+            self._finish(job, job.cancelled)
         for slot in range(self.limit):
             if not self.waiting:
                 break
             if self.slots[slot] is None:
                 job = self.waiting.popleft()
-                job.slot, job.fed, job.generated = slot, 0, []
-                job.gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-                self.cache.reset_rows([slot])                 # 这一行从空开始
-                self._reuse_prefix(job, slot)
-                self.slots[slot] = job
+                try:                          # 单个请求出错（例如种子不合法）只让这一个请求失败
+                    job.slot, job.fed, job.generated = slot, 0, []
+                    job.gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+                    self.cache.reset_rows([slot])             # 这一行从空开始
+                    self._reuse_prefix(job, slot)
+                    self.slots[slot] = job
+                except Exception:
+                    traceback.print_exc()
+                    job.slot = -1
+                    self._finish(job, "error")
         self._gauges()
 
     def _gauges(self) -> None:
@@ -305,11 +350,11 @@ class Engine:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
-    content: str | list[dict] | None = None
+    content: str | list[dict] | None = None      # 字符串，或 [{"type": "text", "text": "..."}, ...]
 
 
 class ChatRequest(BaseModel):
-    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；其他字段忽略）。"""
+    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；不认识的字段回 400，见 UNSUPPORTED_DEFAULTS）。"""
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -320,20 +365,20 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    seed: int | None = Field(None, **SEED)
     session_id: str | None = Field(None, pattern=SESSION_ID)   # 扩展：接着某个会话聊
     ignore_eos: bool = False                                    # 扩展（vLLM 也有）：压测时固定生成长度
 
 
 class GenerateRequest(BaseModel):
     """原教程自己的 /v1/generate：一句话进，一段话出，可带会话。"""
+    model_config = ConfigDict(extra="allow")
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(64, ge=1)
     session_id: str | None = Field(None, pattern=SESSION_ID)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, **SEED)
 
 
 class Reply:
@@ -344,21 +389,17 @@ class Reply:
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.on_event = lambda kind, value: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        self.finish: str | None = None          # stop / length，断开时保持 None
+        self.finish: str | None = None          # stop / length / cancelled / error / shutdown
         self.text = ""
 
     async def pieces(self, request: Request | None = None):
-        """逐段产出文字。request 给出时（非流式）每秒检查一次客户端是否已断开。"""
+        """逐段产出文字。request 给出时（非流式）另有一个任务等着客户端断开，断开就取消这个请求。"""
         dec, sent = self.srv.lm.tokenizer.stream_decoder(), 0
         hold = max((len(s) for s in self.stops), default=1) - 1   # 可能是 stop 开头的尾巴先不发
+        watcher = asyncio.create_task(self._watch(request)) if request is not None else None
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(self.queue.get(), 1.0 if request else None)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                kind, value = await self.queue.get()
                 self.text += dec.feed(value) if kind == "token" else dec.flush()
                 cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
                 if cut >= 0 or kind == "done":
@@ -371,18 +412,49 @@ class Reply:
                     yield self.text[sent:len(self.text) - hold]
                     sent = len(self.text) - hold
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self.job.finish_reason is None:        # 断开或命中 stop：让引擎立刻释放这一行
                 self.srv.engine.cancel(self.job)
+
+    async def _watch(self, request: Request) -> None:
+        """请求体读完以后，receive() 只会在客户端断开时返回 http.disconnect：断开了就取消生成。"""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.srv.engine.cancel(self.job)
+
+    async def wait(self, request: Request) -> None:
+        """非流式：等整个回答生成完（客户端断开就取消）；引擎出错或服务器关闭时抛出对应的 ApiError。"""
+        async for _ in self.pieces(request):
+            pass
+        if (failed := self.failure()) is not None:
+            raise failed
+
+    def failure(self) -> ApiError | None:
+        """引擎出错或服务器关闭时，这个请求该回的错误（OpenAI 的格式）；正常结束时为 None。"""
+        if self.finish == "error":
+            return ApiError(500, "生成时服务器内部出错，请重试", "server_error", "engine_error")
+        if self.finish == "shutdown":
+            return ApiError(503, "服务器正在关闭……请稍后重试", "server_error", "server_shutdown")
+        return None
 
     def usage(self) -> dict:
         p, c = len(self.job.prompt), len(self.job.generated)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _text_of(content) -> str:
-    if isinstance(content, list):                 # [{"type": "text", "text": ...}, ...]
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content or ""
+def _text_of(content, where: str) -> str:
+    """消息内容变成文字。内容分段时每段必须是 {"type": "text", "text": 字符串}：图片等其他类型回 400。"""
+    if not isinstance(content, list):
+        return content or ""
+    for i, part in enumerate(content):
+        if part.get("type") != "text":
+            raise ApiError(400, f"不支持内容类型 {part.get('type')!r}：本服务器只懂文字（type=text）",
+                           code="unsupported_content_type", param=f"{where}.content.{i}.type")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"type=text 的内容段需要字符串 text（收到 {part.get('text')!r}）",
+                           code="invalid_value", param=f"{where}.content.{i}.text")
+    return "".join(part["text"] for part in content)
 
 
 class Server:
@@ -424,7 +496,11 @@ class Server:
             print(self.stop_note, flush=True)
 
     def ready(self) -> bool:
-        return self.lm is not None
+        """模型已加载、引擎线程还活着（/readyz 和每个 /v1 请求都看它）。"""
+        return self.lm is not None and self.engine.alive()
+
+    def not_ready_reason(self) -> str:
+        return "模型还在加载" if self.lm is None else "引擎线程已停止"
 
     def app(self) -> FastAPI:
         return build_app(self)
@@ -434,17 +510,13 @@ class Server:
         who = self.auth.identify(request.headers, request.client.host if request.client else "?")
         self.limiter.check(who)
         if not self.ready():
-            raise ApiError(503, "模型还在加载，请稍后再试（GET /readyz 返回 200 后即可）", "server_error",
+            raise ApiError(503, self.not_ready_reason() + "，请稍后再试（GET /readyz 返回 200 后即可）", "server_error",
                            "not_ready", {"Retry-After": "2"})
         return who
 
     def history(self, session: str | None, who: str) -> list[dict]:
-        if session is None:
-            return []
-        msgs = self.sessions.get(session, who)
-        if msgs is None:
-            raise ApiError(404, f"会话 {session} 不存在", code="session_not_found")
-        return msgs
+        """这个调用者在这个会话里的历史消息（新会话、或别人的同名会话：[]）。"""
+        return self.sessions.get(session, who) if session is not None else []
 
     def submit(self, messages: list[dict], max_new: int | None, temperature: float, top_p: float,
                seed: int | None, stops: list[str], ignore_eos: bool = False) -> Reply:
@@ -487,7 +559,7 @@ async def healthz():
 
 async def readyz(request: Request):
     if not srv_of(request).ready():
-        return error_response(503, "模型还在加载", "server_error", "not_ready")
+        return error_response(503, srv_of(request).not_ready_reason(), "server_error", "not_ready")
     return {"status": "ready", "model": srv_of(request).model_id}
 
 
@@ -501,7 +573,8 @@ async def oauth_token(request: Request):
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     if form.get("grant_type", "password") != "password" or not auth.users:
         raise ApiError(400, "只支持 grant_type=password（且服务器要配置了 LLM_USERS）", code="unsupported_grant_type")
-    token = auth.issue_token(form.get("username", ""), form.get("password", ""))
+    token = auth.issue_token(form.get("username", ""), form.get("password", ""),
+                             client=request.client.host if request.client else "?")
     return {"access_token": token, "token_type": "bearer", "expires_in": int(auth.expire_minutes * 60)}
 
 
@@ -515,7 +588,8 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
     srv = srv_of(request)
     if body.model != srv.model_id:
         raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {srv.model_id}", code="model_not_found")
-    new = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
+    reject_unsupported(body.model_extra, UNSUPPORTED_DEFAULTS)
+    new = [{"role": m.role, "content": _text_of(m.content, f"messages.{i}")} for i, m in enumerate(body.messages)]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     reply = srv.submit(srv.history(body.session_id, who) + new, body.max_completion_tokens or body.max_tokens,
                        1.0 if body.temperature is None else body.temperature,
@@ -532,6 +606,10 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
         yield sse({**chunk, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
         async for piece in reply.pieces():
             yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        if (failed := reply.failure()) is not None:          # 出错或服务器关闭：流里最后一个事件说明原因
+            yield sse(error_body(failed))
+            yield "data: [DONE]\n\n"
+            return
         yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish}]})
         if (body.stream_options or {}).get("include_usage"):
             yield sse({**chunk, "choices": [], "usage": reply.usage()})
@@ -540,8 +618,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
 
     if body.stream:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    async for _ in reply.pieces(request):
-        pass
+    await reply.wait(request)
     remember()
     message = {"role": "assistant", "content": reply.text}
     return {**head, "object": "chat.completion", "usage": reply.usage(),
@@ -551,12 +628,12 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
 async def generate_text(body: GenerateRequest, request: Request, who: str = Depends(caller)):
     """原教程的 /v1/generate：不带 session_id 时新建一个会话，带上就接着聊。"""
     srv = srv_of(request)
+    reject_unsupported(body.model_extra, {})
     session = body.session_id or uuid.uuid4().hex
     new = [{"role": "user", "content": body.prompt}]
     reply = srv.submit(srv.history(body.session_id, who) + new, body.max_new_tokens, body.temperature,
                        body.top_p, body.seed, [])
-    async for _ in reply.pieces(request):
-        pass
+    await reply.wait(request)
     if reply.finish in ("stop", "length"):
         srv.sessions.append(session, who, new + [{"role": "assistant", "content": reply.text}])
     return {"text": reply.text, "session_id": session, "finish_reason": reply.finish, "usage": reply.usage()}

@@ -54,9 +54,20 @@ class ApiError(Exception):
     """Every error goes back in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+        self.param = param
+
+
+def reject_unsupported(extra: dict | None, accepted: dict) -> None:
+    """Fields a request model did not declare (pydantic's model_extra): 400 unsupported_parameter naming the
+    first one, unless `accepted` lists it with its harmless values (a tuple; None = any value is harmless)."""
+    for name, value in (extra or {}).items():
+        if name in accepted and (accepted[name] is None or value is None or value in accepted[name]):
+            continue
+        raise ApiError(400, f"本服务器不支持参数 {name}={json.dumps(value, ensure_ascii=False)[:80]}"
+                            "（去掉它，或用默认值）", code="unsupported_parameter", param=name)
 
 
 def _digest(text: str) -> bytes:
@@ -266,8 +277,19 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_body(e: ApiError) -> dict:
+    """An ApiError as OpenAI's error object (also the last event of a stream that failed)."""
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
 async def on_api_error(request: Request, e: ApiError):
-    return error_response(e.status, e.message, e.type, e.code, e.headers)
+    return error_response(e.status, e.message, e.type, e.code, e.headers, e.param)
+
+
+async def on_unexpected(request: Request, e: Exception):
+    """Any exception no other handler took (a bug): still OpenAI-shaped JSON, never a plain-text 500.
+    Starlette logs the traceback after this response is sent."""
+    return error_response(500, "服务器内部错误（已记录日志）", "server_error", "internal_error")
 
 
 async def on_invalid(request: Request, e: RequestValidationError):
@@ -308,6 +330,7 @@ def install_plumbing(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_middleware(CountRequests, metrics=metrics)
 
 

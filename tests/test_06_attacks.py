@@ -1,0 +1,218 @@
+"""Lesson 06's server under attack and faults: one HTTP-level test per defect of the security review
+(docs/06 "我们怎样攻击自己的服务器" lists them as a checklist). Each test fails on the server before the fix.
+
+Real servers on 127.0.0.1 (uvicorn in a thread), plain http.client / urllib / sockets and the real openai
+SDK; faults are injected by monkeypatching the model or a route. No test asserts a duration: waits are
+bounded polls. The unit-level tests of the same defects are in tests/test_serving_security.py.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from test_06_serve import KEY, MODEL, assert_error_shape, auth, gauges, make_server, request, serve
+
+OTHER_KEY = "test-key-other-5b2e90d4"
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def running(local_fp32, tmp_path_factory):
+    db = tmp_path_factory.mktemp("attacks") / "sessions.sqlite3"
+    srv = make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30))
+    with serve.Running(srv) as run:
+        yield run
+
+
+def chat(run, key=KEY, **body):
+    return request(run, "POST", "/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 2, **body},
+                   auth(key))
+
+
+def stream_events(run, body: dict, key=KEY) -> list:
+    """Every `data:` payload of one streaming chat request (parsed JSON, or the string "[DONE]")."""
+    conn = http.client.HTTPConnection("127.0.0.1", run.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "stream": True, **body}),
+                 {"Content-Type": "application/json", **auth(key)})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = [line[6:].strip() for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    conn.close()
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def wait_idle(run, bound_s: float = 60) -> dict:
+    """Poll /metrics until no request runs or waits (bounded); the last gauges read."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        g = gauges(run)
+        if (g["llm_running_batch_size"], g["llm_queue_length"]) == (0, 0) or time.monotonic() > deadline:
+            return g
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ 1. one request must not kill the engine
+def test_huge_seed_is_422_naming_the_parameter(running):
+    for seed in (2**64, -2**63 - 1):
+        status, _, body = chat(running, seed=seed)
+        assert status == 422 and body["error"]["param"] == "seed", body
+    status, _, body = request(running, "POST", "/v1/generate", {"prompt": "hi", "seed": 2**64}, auth())
+    assert status == 422 and body["error"]["param"] == "seed"
+    assert chat(running, seed=2**64 - 1, temperature=1.0)[0] == 200      # the edges themselves are fine
+    assert chat(running, seed=-2**63, temperature=1.0)[0] == 200
+
+
+def test_a_job_that_fails_to_start_fails_alone(running, local_fp32):
+    """A job the engine cannot admit (a seed manual_seed refuses, submitted past the API) ends with "error";
+    the engine thread lives on and serves the next request."""
+    done = threading.Event()
+    job = serve.Job([1, 2, 3], 2, seed=2**70, on_event=lambda kind, value: kind == "done" and done.set())
+    running.srv.engine.submit(job)
+    assert done.wait(60) and job.finish_reason == "error"
+    assert running.srv.engine.alive() and request(running, "GET", "/readyz")[0] == 200
+    assert chat(running)[0] == 200
+
+
+def test_engine_survives_a_fault_in_a_step(running, local_fp32, monkeypatch):
+    """The model raises once inside a step: that request gets an OpenAI-shaped 500 (JSON, engine_error), a
+    stream gets a final error event and [DONE]; the next requests are served."""
+    real = local_fp32.model.forward
+    faults = []
+
+    def forward_failing_once(*a, **kw):
+        if len(faults) < 1:
+            faults.append(1)
+            raise RuntimeError("injected fault")
+        return real(*a, **kw)
+    monkeypatch.setattr(local_fp32.model, "forward", forward_failing_once)
+    status, headers, body = chat(running)
+    assert status == 500 and headers["content-type"].startswith("application/json")
+    assert_error_shape(body)
+    assert (body["error"]["type"], body["error"]["code"]) == ("server_error", "engine_error")
+    faults.clear()
+    events = stream_events(running, {"messages": HI, "max_tokens": 2})
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_error", events
+    assert chat(running)[0] == 200 and running.srv.engine.alive()
+
+
+def test_readyz_is_not_ready_when_the_engine_thread_is_gone(local_fp32, tmp_path):
+    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
+        assert request(run, "GET", "/readyz")[0] == 200
+        run.srv.engine.stop()                       # the thread ends (as a crashed one would)
+        status, _, body = request(run, "GET", "/readyz")
+        assert status == 503 and body["error"]["code"] == "not_ready"
+        assert chat(run)[0] == 503
+
+
+# ------------------------------------------------------------------ 2./9. sessions are private per caller
+def test_two_keys_starting_the_same_session_concurrently_see_only_their_own(running):
+    sid = "shared-new-id"
+    results = {}
+
+    def talk(key):
+        for i in range(2):
+            results[key, i] = request(running, "POST", "/v1/generate", {"prompt": f"{key} says {i}",
+                                                                       "max_new_tokens": 2, "session_id": sid},
+                                      auth(key))[0]
+    threads = [threading.Thread(target=talk, args=(k,)) for k in (KEY, OTHER_KEY)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results.values()) == {200}
+    for key, other in ((KEY, OTHER_KEY), (OTHER_KEY, KEY)):
+        msgs = request(running, "GET", f"/v1/sessions/{sid}", headers=auth(key))[2]["messages"]
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        assert users == [f"{key} says 0", f"{key} says 1"], msgs
+        assert all(other not in m["content"] for m in msgs)
+
+
+def test_another_callers_session_looks_exactly_like_an_unused_one(running):
+    sid = request(running, "POST", "/v1/generate", {"prompt": "mine", "max_new_tokens": 2}, auth())[2]["session_id"]
+    for method in ("GET", "DELETE"):
+        theirs = request(running, method, f"/v1/sessions/{sid}", headers=auth(OTHER_KEY))
+        unused = request(running, method, "/v1/sessions/never-used-id", headers=auth(OTHER_KEY))
+        assert theirs[0] == unused[0] == 404
+        assert theirs[2]["error"]["code"] == unused[2]["error"]["code"] == "session_not_found"
+        assert theirs[2]["error"]["message"].replace(sid, "ID") == unused[2]["error"]["message"].replace("never-used-id", "ID")
+    assert request(running, "GET", f"/v1/sessions/{sid}", headers=auth())[0] == 200    # still there for its owner
+
+
+# ------------------------------------------------------------------ 3. identities survive reordering keys
+def test_reordering_api_keys_keeps_a_callers_sessions(local_fp32, tmp_path):
+    db = tmp_path / "s.sqlite3"
+    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30))) as run:
+        sid = request(run, "POST", "/v1/generate", {"prompt": "keep me", "max_new_tokens": 2},
+                      auth(OTHER_KEY))[2]["session_id"]
+    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([OTHER_KEY, KEY], {}, "", 30))) as run:
+        status, _, body = request(run, "GET", f"/v1/sessions/{sid}", headers=auth(OTHER_KEY))
+        assert status == 200 and body["messages"][0]["content"] == "keep me"
+        assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(KEY))[0] == 404
+    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([KEY], {}, "", 30))) as run:   # revoked
+        assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(OTHER_KEY))[0] == 401
+        assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(KEY))[0] == 404
+
+
+# ------------------------------------------------------------------ 5. guessing credentials is throttled
+def test_guessing_passwords_and_keys_gets_429(local_fp32, tmp_path):
+    srv = make_server(local_fp32, tmp_path / "s.sqlite3")
+    with serve.Running(srv) as run:
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        statuses = [request(run, "POST", "/oauth/token", raw=f"username=alice&password=guess{i}".encode(),
+                            headers=form)[0] for i in range(100)]
+        assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}
+        status, headers, body = request(run, "GET", "/v1/models", headers=auth(KEY))     # even the right key
+        assert status == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["code"] == "too_many_failed_attempts"
+    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
+        statuses = [request(run, "GET", "/v1/models", headers=auth(f"wrong-{i}"))[0] for i in range(100)]
+        assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}
+
+
+# ------------------------------------------------------------------ 7. every error is OpenAI-shaped JSON
+@pytest.mark.parametrize("part, code, param", [
+    ({"type": "text", "text": 123}, "invalid_value", "messages.0.content.0.text"),
+    ({"type": "text", "text": None}, "invalid_value", "messages.0.content.0.text"),
+    ({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, "unsupported_content_type", "messages.0.content.0.type"),
+])
+def test_bad_content_parts_are_400_naming_the_part(running, part, code, param):
+    status, headers, body = chat(running, messages=[{"role": "user", "content": [part]}])
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert_error_shape(body)
+    assert (body["error"]["code"], body["error"]["param"]) == (code, param)
+    if part["type"] != "text":
+        assert "image_url" in body["error"]["message"]
+    ok = chat(running, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert ok[0] == 200
+
+
+def test_an_unexpected_exception_in_a_route_is_json_500(running, monkeypatch):
+    def broken(*a, **kw):
+        raise KeyError("injected bug")
+    monkeypatch.setattr(running.srv, "history", broken)
+    status, headers, body = chat(running)
+    assert status == 500 and headers["content-type"].startswith("application/json")
+    assert_error_shape(body)
+    assert body["error"]["type"] == "server_error" and "injected" not in body["error"]["message"]
+
+
+# ------------------------------------------------------------------ 11. unsupported parameters are refused
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("frequency_penalty", 1), ("logit_bias", {"50": 5}),
+                                          ("logprobs", True), ("top_logprobs", 2), ("n", 2), ("tools", [{"type": "function"}]),
+                                          ("response_format", {"type": "json_object"}), ("temperture", 0.5)])
+def test_unsupported_parameters_are_400_naming_them(running, field, value):
+    status, _, body = chat(running, **{field: value})
+    assert status == 400 and body["error"]["code"] == "unsupported_parameter", body
+    assert body["error"]["param"] == field and field in body["error"]["message"]
+
+
+def test_default_values_and_annotations_are_accepted(running):
+    status, _, body = chat(running, n=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, logprobs=False,
+                           user="learner-7")
+    assert status == 200, body
+    status, _, body = request(running, "POST", "/v1/generate", {"prompt": "hi", "max_tokens": 3}, auth())
+    assert status == 400 and body["error"]["param"] == "max_tokens"
