@@ -14,8 +14,6 @@ Fast tests build small fake GGUF files with gguf.GGUFWriter; one slow test uses 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,6 @@ from common.model_files import LOCAL_MODELS, ModelFile
 
 SMOL, QWEN = LOCAL_MODELS["smollm2"], LOCAL_MODELS["qwen0.5b"]
 REAL_CACHE = __import__("common.outputs", fromlist=["cache_root"]).cache_root()   # before the fixture moves it
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -178,11 +175,10 @@ def test_every_bad_model_file_is_one_line_and_exit_2(kind, tmp_path, capsys):
     assert err.startswith("错误：") and "\n" not in err and "Traceback" not in err and expected in err
 
 
-def test_a_lesson_given_a_text_file_prints_one_line_and_exits_2(tmp_path, script_env):
+def test_a_lesson_given_a_text_file_prints_one_line_and_exits_2(tmp_path, run_script):
     bad = tmp_path / "model.gguf"
     bad.write_text("hello, I am not a model\n", encoding="utf-8")
-    r = subprocess.run([sys.executable, "01_hello_llm.py", "--quick", "--backend", "local", "--model-file", str(bad)],
-                       cwd=REPO, env=script_env, capture_output=True, text=True, timeout=120)
+    r = run_script("01_hello_llm.py", "--quick", "--backend", "local", "--model-file", str(bad))
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "Traceback" not in err and err.count("\n") == 0 and "不是 GGUF 模型文件" in err and str(bad) in err
