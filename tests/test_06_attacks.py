@@ -216,3 +216,66 @@ def test_default_values_and_annotations_are_accepted(running):
     assert status == 200, body
     status, _, body = request(running, "POST", "/v1/generate", {"prompt": "hi", "max_tokens": 3}, auth())
     assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+# ------------------------------------------------------------------ 4. a client that leaves frees its slot
+def record_jobs(run, monkeypatch) -> list:
+    """Every Job submitted to the engine from now on (to read its finish_reason and tokens afterwards)."""
+    jobs, submit = [], run.srv.engine.submit
+    monkeypatch.setattr(run.srv.engine, "submit", lambda job: jobs.append(job) or submit(job))
+    return jobs
+
+
+def test_non_streaming_client_that_disconnects_is_cancelled(running, monkeypatch):
+    jobs = record_jobs(running, monkeypatch)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": 200, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", running.port), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + 60
+    while not (jobs and jobs[0].generated) and time.monotonic() < deadline:    # generation has started
+        time.sleep(0.02)
+    sock.close()
+    g = wait_idle(running)
+    assert (g["llm_running_batch_size"], g["llm_queue_length"]) == (0, 0)
+    assert jobs[0].finish_reason == "cancelled" and len(jobs[0].generated) < 200
+
+
+@pytest.mark.slow
+def test_fifty_streams_half_disconnecting(local_fp32, tmp_path):
+    """50 concurrent streams, half closed right after their first token: every slot is freed, the
+    others all complete, and the closed ones stopped early."""
+    srv = make_server(local_fp32, tmp_path / "s.sqlite3", max_batch=16, max_queue=64)
+    outcomes = {}
+
+    def client(i: int):
+        leave = i % 2 == 0
+        conn = http.client.HTTPConnection("127.0.0.1", run.port, timeout=300)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": f"Count to {i}."}], "stream": True,
+             "max_tokens": 64 if leave else 6, "ignore_eos": leave}), {"Content-Type": "application/json", **auth()})
+        resp, lines = conn.getresponse(), []
+        while (line := resp.fp.readline()) and not (leave and len(lines) == 2):
+            if line.startswith(b"data: "):
+                lines.append(line[6:].strip())
+        if leave:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        outcomes[i] = lines
+    with serve.Running(srv) as run:
+        jobs, submit = [], srv.engine.submit
+        srv.engine.submit = lambda job: jobs.append(job) or submit(job)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        g = wait_idle(run, 120)
+        assert (g["llm_running_batch_size"], g["llm_queue_length"]) == (0, 0) and srv.engine.busy() == (0, 0)
+    assert len(outcomes) == 50 and len(jobs) == 50
+    for i, lines in outcomes.items():
+        if i % 2:
+            assert lines[-1] == b"[DONE]", lines
+    left = [j for j in jobs if j.max_new_tokens == 64]
+    assert len(left) == 25 and all(j.finish_reason == "cancelled" and len(j.generated) < 64 for j in left)
