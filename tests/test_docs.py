@@ -451,8 +451,20 @@ def test_fundamentals_config_table_matches_model(local_fp32):
 
 
 # --------------------------------------------------------------------------- environment check
-def test_common_check_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "common.check"], cwd=REPO_ROOT, env=clean_env(tmp_path),
-                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
-    assert r.returncode == 0, f"python -m common.check exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
-    assert "[FAIL]" not in r.stdout
+def test_common_check_runs(tmp_path, monkeypatch, capsys):
+    """`python -m common.check`, run as __main__ in this process (runpy) with the environment, cwd and argv of a
+    real run: a new process would spend seconds importing every dependency again."""
+    import runpy
+
+    env = clean_env(tmp_path)
+    for k in set(os.environ) - set(env):
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "common" / "check.py")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("common.check", run_name="__main__", alter_sys=True)
+    r = capsys.readouterr()
+    assert e.value.code == 0, f"python -m common.check exited {e.value.code}:\n{r.out[-3000:]}\n{r.err[-2000:]}"
+    assert "[FAIL]" not in r.out and "全部正常" in r.out
