@@ -41,7 +41,6 @@ from typing import Callable
 from urllib.parse import parse_qs
 
 import torch
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,7 +55,8 @@ from common.sampling import sample_next_token
 # Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
 # 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
 from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind, error_body,
-                            error_response, install_plumbing, reject_unsupported, settings_from_env, sse)
+                            error_response, install_plumbing, make_uvicorn, reject_unsupported, settings_from_env,
+                            sse)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
@@ -462,14 +462,16 @@ class Server:
 
     def __init__(self, *, auth: Auth, rate_limit_rpm: int, session_db, max_batch: int, max_context: int,
                  prefill_chunk: int, max_queue: int, default_max_tokens: int, load_model: Callable,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, max_body: int = 1 << 20):
         self.auth, self.limiter, self.metrics = auth, RateLimiter(rate_limit_rpm), Metrics()
         self.session_db, self.sessions = session_db, None
         self.engine_args = dict(max_batch=max_batch, max_len=max_context, prefill_chunk=prefill_chunk,
                                 max_queue=max_queue)
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
         self.load_model, self.lm, self.engine, self.prefix_cache = load_model, None, None, prefix_cache
-        self.stop_note: str | None = None          # 停止后打印的一句话（前台运行时）
+        self.max_body = max_body                   # 请求体上限（字节），超过回 413
+        self.stop_note: str | None = None          # 停止后打印的一句话（前台运行时；{requests} 填进行中请求的结局）
+        self.cut, self.cut_timer = 0, None         # 关闭时被中断的请求数；到点中断它们的定时器
         self.model_id = "loading"                  # 模型加载后才知道：smollm2-135m-instruct / tiny-gpt-<预设名> ……
 
     def start(self) -> None:
@@ -487,13 +489,26 @@ class Server:
         self.model_id = getattr(lm, "model_id", None) or MODEL_IDS[lm.key]
         self.lm = lm
 
+    def drain(self, grace: float) -> None:
+        """服务器要关闭了（uvicorn 给进行中的请求 grace 秒）：宽限期结束前 1 秒，还在生成的请求一律中断，
+        流式回答最后收到一个 server_shutdown 错误事件，而不是被一声不响地掐断。"""
+        def cut():
+            self.cut = self.engine.cancel_all("shutdown") if self.engine is not None else 0
+        self.cut_timer = threading.Timer(max(0.0, grace - 1), cut)
+        self.cut_timer.daemon = True
+        self.cut_timer.start()
+
     def stop(self) -> None:
+        if self.cut_timer is not None:
+            self.cut_timer.cancel()
         if self.engine is not None:
             self.engine.stop()
         if self.sessions is not None:
             self.sessions.close()
         if self.stop_note:
-            print(self.stop_note, flush=True)
+            fate = f"{self.cut} 个请求在宽限期结束时被中断（客户端收到了 server_shutdown 错误）" if self.cut \
+                else "进行中的请求都已结束"
+            print(self.stop_note.format(requests=fate), flush=True)
 
     def ready(self) -> bool:
         """模型已加载、引擎线程还活着（/readyz 和每个 /v1 请求都看它）。"""
@@ -505,9 +520,10 @@ class Server:
     def app(self) -> FastAPI:
         return build_app(self)
 
-    def guard(self, request: Request) -> str:
-        """每个 /v1 请求先过这里：认证 → 限流 → 模型是否就绪。返回调用者身份。"""
-        who = self.auth.identify(request.headers, request.client.host if request.client else "?")
+    def guard(self, headers, client: str) -> str:
+        """每个 /v1 请求先过这里（在读请求体之前，见 common/serving.py 的 Gatekeeper）：认证 → 限流 →
+        模型是否就绪。返回调用者身份。"""
+        who = self.auth.identify(headers, client)
         self.limiter.check(who)
         if not self.ready():
             raise ApiError(503, self.not_ready_reason() + "，请稍后再试（GET /readyz 返回 200 后即可）", "server_error",
@@ -549,8 +565,8 @@ def srv_of(request: Request) -> Server:
 
 
 async def caller(request: Request) -> str:
-    """每个 /v1 路由的依赖：认证 → 限流 → 模型就绪，返回调用者身份。"""
-    return srv_of(request).guard(request)
+    """每个 /v1 路由的依赖：调用者身份（Gatekeeper 在读请求体之前已经认证、限流、检查过模型就绪）。"""
+    return request.state.caller
 
 
 async def healthz():
@@ -663,7 +679,7 @@ def build_app(srv: Server) -> FastAPI:
 
     app = FastAPI(title="LLM 零基础实践教程 · 第 6 课", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.srv = srv
-    install_plumbing(app, srv.metrics)
+    install_plumbing(app, srv.metrics, srv.guard, srv.max_body)
     for path, fn, methods in [("/healthz", healthz, ["GET"]), ("/readyz", readyz, ["GET"]),
                               ("/metrics", metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
                               ("/v1/models", list_models, ["GET"]),
@@ -695,6 +711,7 @@ def make_server(args, lm=None, **overrides) -> Server:
     return Server(**settings, max_batch=args.max_batch, max_context=args.max_context,
                   prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                   default_max_tokens=args.max_new_tokens, prefix_cache=not args.no_prefix_cache,
+                  max_body=args.max_body_bytes,
                   load_model=lambda: lm or load_model_of(args))
 
 
@@ -711,8 +728,8 @@ def serve_forever(args) -> None:
     print(f"[服务] 正在启动 http://{args.host}:{args.port}/v1 （模型 {args.checkpoint or MODEL_IDS[args.local_model]}；最多 {args.max_batch} 个序列同时生成）")
     print(f"       试试：python 01_hello_llm.py --base-url http://{args.host}:{args.port}/v1    按 Ctrl-C 停止。")
     sock = bind(args.host, args.port)
-    srv.stop_note = "[服务] 已停止：进行中的请求已结束，引擎已停，会话数据库已关闭。"
-    uvicorn.Server(uvicorn.Config(srv.app(), log_level="info", timeout_graceful_shutdown=30)).run(sockets=[sock])
+    srv.stop_note = "[服务] 已停止：{requests}，引擎已停，会话数据库已关闭。"
+    make_uvicorn(srv.app(), "info", args.grace, srv.drain).run(sockets=[sock])
 
 
 # ================================================================ 第 4 部分：演示（--demo）
@@ -772,6 +789,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--prefill-chunk", type=positive_int, default=64, help="长提示词每步最多预填充多少 token（分块预填充）")
     s.add_argument("--max-queue", type=positive_int, default=64, help="等待队列上限，满了回 503")
     s.add_argument("--no-prefix-cache", action="store_true", help="关掉前缀缓存（默认系统提示词的 K/V 只算一次）")
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="请求体上限（字节），超过回 413")
+    s.add_argument("--grace", type=positive_int, default=30,
+                   help="停止时给进行中的请求多少秒；到点还没结束的流会收到 server_shutdown 错误事件")
     add_max_new_tokens(p, 256, "请求没写 max_tokens 时最多生成多少个新 token")
     d = p.add_argument_group("演示与压测（--demo）")
     d.add_argument("--demo", action="store_true", help="运行本课演示：进程内启动服务器，用 openai SDK 当客户端，最后压测")

@@ -13,6 +13,7 @@ import collections
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import socket
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from common.errors import UserError
@@ -325,13 +327,107 @@ class CountRequests:
                 self.metrics.requests.labels(getattr(scope.get("route"), "path", "other"), str(status[0])).inc()
 
 
-def install_plumbing(app: FastAPI, metrics: Metrics) -> None:
-    """Every error in OpenAI's shape (ApiError, validation errors, unknown paths) and every request counted."""
+class Gatekeeper:
+    """An ASGI middleware in front of the routes: nothing is parsed for a caller who may not ask.
+
+    For paths under `protected` it calls check(headers, client_address) BEFORE reading any body (the
+    server's authentication, rate limit and readiness; it raises ApiError) and puts the caller's identity
+    in scope["state"]["caller"] for the routes. For every path a body over max_body bytes is refused with
+    413 (Content-Length first; a chunked body is counted while read). The (bounded) body is read here and
+    replayed to the app; later receive() calls pass through, so the app still sees http.disconnect."""
+
+    def __init__(self, app, check, max_body: int, protected: str = "/v1/"):
+        self.app, self.check, self.max_body, self.protected = app, check, max_body, protected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            if scope["path"].startswith(self.protected):
+                client = scope.get("client")
+                who = self.check(Headers(scope=scope), client[0] if client else "?")
+                scope.setdefault("state", {})["caller"] = who
+            body = await self._read_body(scope, receive)
+        except ApiError as e:
+            response = error_response(e.status, e.message, e.type, e.code, e.headers, e.param)
+            return await response(scope, receive, send)
+        if body is None:                     # the client left while sending its body: nobody to answer
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"请求体太大：最多 {self.max_body} 字节", code="request_too_large")
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise self._too_large()
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def install_plumbing(app: FastAPI, metrics: Metrics, check=None, max_body: int = 1 << 20) -> None:
+    """Every error in OpenAI's shape (ApiError, validation errors, unknown paths, any other exception),
+    the Gatekeeper (check(headers, client) for /v1/ before any body is read; bodies capped at max_body)
+    and every request counted (the outermost middleware, so refused requests are counted too)."""
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+    app.add_middleware(Gatekeeper, check=check or (lambda headers, client: None), max_body=max_body)
     app.add_middleware(CountRequests, metrics=metrics)
+
+
+class RedactQuery(logging.Filter):
+    """uvicorn's access log line gets the path with its query string (record.args[2]); a key sent as
+    ?api_key=... would be written to the log. Keep the path, hide the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) > 2 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[已隐去]", *args[3:])
+        return True
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that, when asked to stop, first calls on_drain(grace seconds) (the app can then end
+    what will not finish in time, and say so) and only then drains connections as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, on_drain=None):
+        super().__init__(config)
+        self.on_drain = on_drain
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.on_drain is not None:
+            self.on_drain(self.config.timeout_graceful_shutdown or 0)
+        await super().shutdown(sockets)
+
+
+def make_uvicorn(app, log_level: str, grace: float, on_drain=None) -> GracefulServer:
+    """A GracefulServer for app whose access log never contains a query string (installed after uvicorn.Config
+    has configured logging)."""
+    server = GracefulServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace), on_drain)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in access.filters):
+        access.addFilter(RedactQuery())
+    return server
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -348,15 +444,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 class Running:
     """A server run by uvicorn in a background thread (the demo and the tests); leaving the with-block stops
-    it gracefully. srv is anything with .app() (the ASGI app to serve) and .ready() (True once it can answer);
-    entering waits until uvicorn listens and, unless wait_ready=False, until srv.ready()."""
+    it gracefully (grace seconds for requests in flight). srv is anything with .app() (the ASGI app to serve)
+    and .ready() (True once it can answer), optionally .drain(grace) (see GracefulServer); entering waits
+    until uvicorn listens and, unless wait_ready=False, until srv.ready()."""
 
     def __init__(self, srv, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 wait_ready: bool = True):
+                 wait_ready: bool = True, grace: float = 10):
         self.srv, self.sock, self.wait_ready = srv, bind(host, port), wait_ready
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(srv.app(), log_level=log_level, timeout_graceful_shutdown=10))
+        self.server = make_uvicorn(srv.app(), log_level, grace, getattr(srv, "drain", None))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "Running":

@@ -19,12 +19,13 @@ from test_06_serve import KEY, MODEL, assert_error_shape, auth, gauges, make_ser
 
 OTHER_KEY = "test-key-other-5b2e90d4"
 HI = [{"role": "user", "content": "Hi"}]
+MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
 def running(local_fp32, tmp_path_factory):
     db = tmp_path_factory.mktemp("attacks") / "sessions.sqlite3"
-    srv = make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30))
+    srv = make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30), max_body=MAX_BODY)
     with serve.Running(srv) as run:
         yield run
 
@@ -279,3 +280,108 @@ def test_fifty_streams_half_disconnecting(local_fp32, tmp_path):
             assert lines[-1] == b"[DONE]", lines
     left = [j for j in jobs if j.max_new_tokens == 64]
     assert len(left) == 25 and all(j.finish_reason == "cancelled" and len(j.generated) < 64 for j in left)
+
+
+# ------------------------------------------------------------------ 6. authenticate first, cap the body
+def raw_exchange(run, head: bytes, body_parts=(), bound_s: float = 60) -> tuple[int, dict]:
+    """Send a request head and some body bytes on a raw socket; (status, JSON body) of the answer. The
+    socket timeout only bounds a broken server: a server that waits for the rest of the body never answers."""
+    sock = socket.create_connection(("127.0.0.1", run.port), timeout=bound_s)
+    try:
+        sock.sendall(head)
+        for part in body_parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):     # the server answered and closed early
+                break
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                data.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0] if b"content-length: " in data else 0):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    return int(head_text.split()[1]), json.loads(payload)
+
+
+def post_head(path: str, extra: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n").encode()
+
+
+def test_unauthenticated_body_is_never_read(running):
+    """Content-Length says 100 MB, only a few bytes come: the answer is 401 at once (no body is awaited)."""
+    status, body = raw_exchange(running, post_head("/v1/chat/completions", "Content-Length: 100000000\r\n"),
+                                [b'{"model": '])
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_oversize_body_is_413(running):
+    status, body = raw_exchange(running, post_head("/v1/chat/completions",
+                                                   f"X-API-Key: {KEY}\r\nContent-Length: {MAX_BODY + 1}\r\n"), [b"{"])
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert_error_shape(body)
+    chunk = b"x" * 8192
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (MAX_BODY // len(chunk) + 2) + [b"0\r\n\r\n"]
+    status, body = raw_exchange(running, post_head("/v1/chat/completions",
+                                                   f"X-API-Key: {KEY}\r\nTransfer-Encoding: chunked\r\n"), chunks)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = raw_exchange(running, post_head("/oauth/token", f"Content-Length: {MAX_BODY + 1}\r\n"), [b"u"])
+    assert status == 413                                   # every path is capped, not only /v1/
+    assert chat(running, stop=["z" * 1000] * 40)[0] == 200        # 40 KB, under the cap: served
+
+
+# ------------------------------------------------------------------ 8. credentials never reach the log
+def test_query_string_credentials_never_reach_the_access_log(local_fp32, tmp_path, capfd):
+    import logging
+
+    secret = "sk-query-secret-77a1c0"
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+    keep = Keep()
+    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3"), log_level="info") as run:
+        logging.getLogger("uvicorn.access").addHandler(keep)
+        try:
+            assert request(run, "GET", f"/v1/models?api_key={secret}", headers=auth())[0] == 200
+            assert request(run, "GET", f"/v1/models?api_key={secret}")[0] == 401
+            assert request(run, "GET", f"/healthz?token={secret}")[0] == 200
+        finally:
+            logging.getLogger("uvicorn.access").removeHandler(keep)
+    out, err = capfd.readouterr()
+    assert len(lines) == 3 and all("/v1/models?" in x or "/healthz?" in x for x in lines), lines
+    assert secret not in "\n".join(lines) + out + err
+
+
+# ------------------------------------------------------------------ 10. shutdown says what it cut
+def test_shutdown_sends_an_error_event_to_streams_it_cuts(local_fp32, tmp_path, capsys):
+    srv = make_server(local_fp32, tmp_path / "s.sqlite3")
+    srv.stop_note = "[服务] 已停止：{requests}。"
+    events, started = [], threading.Event()
+
+    def long_stream():
+        conn = http.client.HTTPConnection("127.0.0.1", run.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": MODEL, "messages": HI, "max_tokens": 200, "ignore_eos": True, "stream": True}),
+            {"Content-Type": "application/json", **auth()})
+        resp = conn.getresponse()
+        while line := resp.fp.readline():
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+                started.set()
+        conn.close()
+    run = serve.Running(srv, grace=2)
+    with run:
+        reader = threading.Thread(target=long_stream)
+        reader.start()
+        assert started.wait(60)
+    reader.join(timeout=60)
+    assert events[-1] == b"[DONE]", events
+    last = json.loads(events[-2])
+    assert (last["error"]["type"], last["error"]["code"]) == ("server_error", "server_shutdown")
+    assert "正在关闭" in last["error"]["message"]
+    assert srv.cut == 1 and "1 个请求在宽限期结束时被中断" in capsys.readouterr().out
