@@ -117,6 +117,10 @@ def merge(a: dict, b: dict, path: str) -> dict:
         if (x.get("additionalProperties", True) is not True or x.get("patternProperties")) and \
                 set(y.get("properties", {})) - set(x.get("properties", {})):
             raise refuse("additionalProperties", path, "allOf 两边的属性表不同，额外属性的含义无法合并")
+        tuple_y = y.get("prefixItems", y.get("items") if isinstance(y.get("items"), list) else None)
+        tuple_x = x.get("prefixItems", x.get("items") if isinstance(x.get("items"), list) else None)
+        if tuple_y is not None and tuple_x != tuple_y and ("items" in x or "additionalItems" in x):
+            raise refuse("items", path, "allOf 两边的元组（prefixItems）不同，items 管哪些元素无法合并")
     return out
 
 
@@ -130,10 +134,10 @@ class Grammar:
       array   prefix=[节点号], rest=节点号或 None, lo, hi
       object  props=[(键的 JSON 字节, 节点号, 必需?)], patterns=[(正则, schema)], extra=节点号或 None"""
 
-    def __init__(self, schema, max_stack: int = MAX_STACK):
+    def __init__(self, schema, max_stack: int = MAX_STACK, infer_types: bool = True):
         import jsonschema
 
-        self.root, self.max_stack = schema, max_stack
+        self.root, self.max_stack, self.infer_types = schema, max_stack, infer_types
         self.nodes: list[dict] = []
         self.refs: dict[str, int] = {}
         self.notes: list[str] = []             # 语法保证不了、要靠生成后校验的地方（oneOf 的"恰好一个"）
@@ -222,12 +226,15 @@ class Grammar:
         return nid
 
     def types(self, s: dict, path: str) -> list[str]:
-        """允许的类型。没写 type 时按出现的关键字推断（只有 properties → object……），什么都没有 = 任意类型。"""
+        """允许的类型。没写 type 时按出现的关键字推断（只有 properties → object……），什么都没有 = 任意类型。
+        推断比 schema 本身严（schema 其实也接受别的类型），但生成时模型不会把"该是对象的地方"写成字符串；
+        infer_types=False 时不推断（测试用它核对"合法的都接受"）。"""
         t = s.get("type")
-        if t is None:
+        if t is None and self.infer_types:
             fam = [name for name, kws in (("object", OBJECT_KW), ("array", ARRAY_KW), ("string", STRING_KW),
                                           ("number", NUMBER_KW)) if set(s) & kws]
             t = fam or list(TYPES)
+        t = list(TYPES) if t is None else t
         t = [t] if isinstance(t, str) else list(t)
         if any(x not in TYPES for x in t):
             raise UserError(f"{path} 的 type 必须是 {' / '.join(TYPES)} 之一（或它们的列表），收到 {t!r}。")
@@ -242,6 +249,8 @@ class Grammar:
         here = self.validator.evolve(schema={k: v for k, v in s.items() if k not in ("enum", "const")})
         keep = [v for v in values if here.is_valid(v) and ("enum" not in s or v in s["enum"])
                 and ("const" not in s or v == s["const"])]
+        keep += [float(v) if isinstance(v, int) else int(v) for v in keep      # 1 和 1.0 在 JSON Schema 里相等
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and abs(v) < 2 ** 53]
         opts = {json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode() for v in keep}
         return self.add({"kind": "choice", "options": opts})
 
@@ -442,7 +451,10 @@ class Grammar:
             return [(True, ())] if ok else []
         if node["hi"] is not None and count >= node["hi"]:
             return []                                  # 已经到 maxLength，不能再开始一个字符
-        if r[0] == "pend":
+        if r[0] == "pend":                             # 写到一半的字符：它能补全成的字符里，得有正则接受的
+            if not all(any(rx.can_read(s, lo, hi) for lo, hi in pending_chars(r[1]))
+                       for rx, s in zip(node["regexes"], rstates)):
+                return []
             return [(True, (("T", nid, count, rstates, r[1]),))]
         new = tuple(rx.step(s, r[1]) for rx, s in zip(node["regexes"], rstates))
         if any(s < 0 for s in new):
@@ -511,6 +523,8 @@ class Grammar:
             prefix += chr(r[1])
             prefix = prefix if any(n.startswith(prefix) for n in node["names"]) else None
         new = tuple(rx.step(s, r[1]) if s >= 0 else -1 for (rx, _), s in zip(node["patterns"], rstates))
+        if node["extra"] is None and all(s < 0 for s in new):
+            return []                                  # 只允许匹配 patternProperties 的键，而哪条都匹配不上了
         return [(True, (("K", nid, prefix, new, None),))]
 
     def done(self, state: frozenset) -> bool:
@@ -562,6 +576,15 @@ def plain_string_step(f, b) -> list:
         return [(True, (STR,))] if b in ESCAPES else []
     _, n, lo, hi = f
     return [(True, (("U", n - 1, 0x80, 0xBF),) if n > 1 else (STR,))] if lo <= b <= hi else []
+
+
+def pending_chars(pend) -> list[tuple[int, int]]:
+    """写到一半的字符（刚读到反斜杠 / 多字节 UTF-8 的前几个字节）最终可能是哪些码点：若干个区间。"""
+    if pend == "E":
+        return [(cp, cp) for cp in ESCAPES.values()]
+    _, n, lo, hi, acc = pend
+    shift = 6 * (n - 1)
+    return [((acc << 6 | (lo & 0x3F)) << shift, (acc << 6 | (hi & 0x3F)) << shift | ((1 << shift) - 1))]
 
 
 def string_char(pend, b: int, keep_codepoint: bool):

@@ -331,6 +331,14 @@ class Regex:
             self.trans[key] = self._id(self._closure(nxt)) if nxt else -1
         return self.trans[key]
 
+    def can_read(self, state: int, lo: int, hi: int) -> bool:
+        """从 state 出发，能不能读进 [lo, hi] 里的某个字符（字符串里写到一半的多字节字符/转义用它判断还有没有出路）。"""
+        for q in self.sets[state]:
+            e = self.nfa.chars[q]
+            if e and any(a <= hi and lo <= b for a, b in e[0]):
+                return True
+        return False
+
     def accepts(self, state: int) -> bool:
         return state >= 0 and self.accept in self.sets[state]
 
