@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import os
@@ -37,7 +38,7 @@ import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 from urllib.parse import parse_qs
 
 import torch
@@ -60,6 +61,7 @@ from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessi
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
+EMBEDDING_MODEL = "text-embedding-all-minilm-l6-v2"     # /v1/embeddings：课程的 all-MiniLM-L6-v2（第 03 课）
 SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 SEED = dict(ge=-2**63, le=2**64 - 1)        # torch.Generator.manual_seed 能接受的范围：超出就在 API 边界回 422
 # OpenAI 有、本服务器没实现的参数：只接受"等于不用"的值（列出的那些），其他值回 400 unsupported_parameter
@@ -381,6 +383,14 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, **SEED)
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI 的 /v1/embeddings 请求体。openai SDK 默认要 base64（小端 float32 的字节再 base64），省流量。"""
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 class Reply:
     """服务器这边的一个请求：把引擎线程送来的 token 变成文字片段（处理 stop 字符串和断开）。"""
 
@@ -469,6 +479,7 @@ class Server:
                                 max_queue=max_queue)
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
         self.load_model, self.lm, self.engine, self.prefix_cache = load_model, None, None, prefix_cache
+        self.embedder = None                       # all-MiniLM-L6-v2，第一次请求 /v1/embeddings 时在引擎线程里加载
         self.max_body = max_body                   # 请求体上限（字节），超过回 413
         self.stop_note: str | None = None          # 停止后打印的一句话（前台运行时；{requests} 填进行中请求的结局）
         self.cut, self.cut_timer = 0, None         # 关闭时被中断的请求数；到点中断它们的定时器
@@ -513,6 +524,18 @@ class Server:
     def ready(self) -> bool:
         """模型已加载、引擎线程还活着（/readyz 和每个 /v1 请求都看它）。"""
         return self.lm is not None and self.engine.alive()
+
+    async def embed(self, texts: list[str]):
+        """句向量 [N, 384] 和 token 数。在引擎线程里两步之间算（所有 torch 运算都在那一个线程，见 Engine.start）。"""
+        def work():
+            if self.embedder is None:                # 第一次用到时才加载（约 90 MB）
+                from common.embeddings import load_local_embedder
+                self.embedder = load_local_embedder()
+            return self.embedder.embed(texts), sum(map(len, self.embedder.tokenize(texts)))
+        try:
+            return await asyncio.wrap_future(self.engine.call(work))
+        except UserError as e:                       # 句向量模型文件不在：这台服务器暂时给不了 embeddings
+            raise ApiError(503, str(e), "server_error", "embeddings_unavailable") from None
 
     def not_ready_reason(self) -> str:
         return "模型还在加载" if self.lm is None else "引擎线程已停止"
@@ -595,8 +618,22 @@ async def oauth_token(request: Request):
 
 
 async def list_models(request: Request, who: str = Depends(caller)):
-    return {"object": "list", "data": [{"id": srv_of(request).model_id, "object": "model", "created": 0,
-                                        "owned_by": "llm-course"}]}
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llm-course"}
+                                       for name in (srv_of(request).model_id, EMBEDDING_MODEL)]}
+
+
+async def embeddings(body: EmbeddingRequest, request: Request, who: str = Depends(caller)):
+    """OpenAI 兼容的句向量接口：第 03 课指向本服务器时，对话和向量都走 API。"""
+    if body.model != EMBEDDING_MODEL:
+        raise ApiError(404, f"没有句向量模型 {body.model!r}：本服务器只有 {EMBEDDING_MODEL}", code="model_not_found")
+    reject_unsupported(body.model_extra, {"user": None, "dimensions": (384,)})
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    vecs, tokens = await srv_of(request).embed(texts)
+    as_b64 = body.encoding_format == "base64"
+    data = [{"object": "embedding", "index": i, "embedding":
+             base64.b64encode(v.astype("<f4").tobytes()).decode() if as_b64 else v.tolist()} for i, v in enumerate(vecs)]
+    return {"object": "list", "data": data, "model": EMBEDDING_MODEL,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 async def chat_completions(body: ChatRequest, request: Request, who: str = Depends(caller)):
@@ -684,6 +721,7 @@ def build_app(srv: Server) -> FastAPI:
                               ("/metrics", metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
                               ("/v1/models", list_models, ["GET"]),
                               ("/v1/chat/completions", chat_completions, ["POST"]),
+                              ("/v1/embeddings", embeddings, ["POST"]),
                               ("/v1/generate", generate_text, ["POST"]),
                               ("/v1/sessions/{session_id}", get_session, ["GET"]),
                               ("/v1/sessions/{session_id}", delete_session, ["DELETE"])]:

@@ -98,7 +98,8 @@ class LLMClient:
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/") or None
         self._model_arg = model or os.environ.get("OPENAI_MODEL") or None
-        self.embed_model = os.environ.get("OPENAI_EMBEDDING_MODEL") or DEFAULT_OPENAI_EMBED_MODEL
+        self._embed_arg = os.environ.get("OPENAI_EMBEDDING_MODEL") or None
+        self.embed_model = self._embed_arg or DEFAULT_OPENAI_EMBED_MODEL
         self.local_dtype = local_dtype
         from common.model_files import LOCAL_MODELS, resolve_local_model
         self.local_key = resolve_local_model(local_model)
@@ -172,6 +173,9 @@ class LLMClient:
             raise UserError(f"{self.base_url} 没有列出可用模型：请用 --model 或 OPENAI_MODEL 指定模型名。")
         else:
             self.model_name = DEFAULT_OPENAI_MODEL
+        listed_embedders = [m for m in listed if "embedding" in m.lower()]
+        if custom and listed_embedders and not self._embed_arg:   # e.g. lesson 06's server lists its MiniLM
+            self.embed_model = listed_embedders[0]
         self.connected = True
 
     @property

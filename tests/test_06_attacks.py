@@ -385,3 +385,38 @@ def test_shutdown_sends_an_error_event_to_streams_it_cuts(local_fp32, tmp_path, 
     assert (last["error"]["type"], last["error"]["code"]) == ("server_error", "server_shutdown")
     assert "正在关闭" in last["error"]["message"]
     assert srv.cut == 1 and "1 个请求在宽限期结束时被中断" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 12. /v1/embeddings (lesson 03 against this server)
+def test_embeddings_with_the_openai_sdk_equal_the_course_encoder(running):
+    import numpy as np
+    import openai
+
+    from common.embeddings import load_local_embedder
+
+    texts = ["The cat sat on the mat.", "Continuous batching shares each decode step."]
+    client = openai.OpenAI(base_url=running.base_url, api_key=KEY, max_retries=0)
+    assert serve.EMBEDDING_MODEL in [m.id for m in client.models.list()]
+    resp = client.embeddings.create(model=serve.EMBEDDING_MODEL, input=texts)          # base64 by default
+    want = load_local_embedder().embed(texts)
+    got = np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens > 0
+    floats = client.embeddings.create(model=serve.EMBEDDING_MODEL, input=texts[0], encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, want[0], atol=1e-5)
+    status, _, body = request(running, "POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"},
+                              auth())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_lesson_03_client_uses_api_chat_and_api_embeddings(running, monkeypatch):
+    from common.client import LLMClient
+
+    monkeypatch.delenv("OPENAI_EMBEDDING_MODEL", raising=False)
+    client = LLMClient(base_url=running.base_url, api_key=KEY, verbose=False)
+    assert client.backend == "openai" and client.model_name == MODEL
+    assert client.embed_name == f"openai:{serve.EMBEDDING_MODEL}"
+    vecs = client.embed(["a question", "an answer"])
+    assert vecs.shape == (2, 384) and not client.embed_local
+    assert client.chat("Hi", max_tokens=2, temperature=0)
+    assert client.backend == "openai"
