@@ -163,6 +163,16 @@ class KVCache:
     def nbytes_allocated(self) -> int:
         return sum(t.nelement() * t.element_size() for t in self.k + self.v)
 
+    def truncate(self, length: int) -> None:
+        """把缓存退回到只剩前 length 个位置（投机解码：目标模型一次验证了 k 个草稿 token，只接受了前 n 个，
+        后面那几列的 K/V 作废）。不用清零：下一次调用从第 length 列开始写，正好把它们覆盖掉。
+        只用于非 ragged 的缓存（每一行长度相同）。"""
+        if self.ragged:
+            raise ValueError("truncate() needs a non-ragged cache (all rows the same length)")
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
 
 def unpack(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """打包过的批次：把真实 token 的 [N, C] 放回补零的 [B, T, C]（``real`` 是 [B, T] 的 bool）。"""
