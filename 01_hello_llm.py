@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("backend", "local"))
     p.add_argument("--part", type=parts_type(PARTS), default="all",
                    help="运行哪些部分：all，或逗号列表（数字或名字），如 1,3,5 或 stream,attention")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="提问（本地模型只懂英文）")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="提问（默认的本地模型 SmolLM2 只懂英文；中文提问请配 --local-model qwen0.5b）")
     p.add_argument("--temperature", type=non_negative_float, default=0.7, help="第 1、2 部分的采样温度（0 = 贪心）")
     p.add_argument("--temperatures", type=float_list, default="0,0.7,1.5", help="第 3 部分对比的温度，逗号分隔")
     p.add_argument("--top-k", type=non_negative_int, default=50, help="只在概率最高的 k 个 token 里抽（0 = 不限；仅本地模型）")
@@ -88,6 +88,25 @@ def pad(text: str, width: int) -> str:
     """右对齐到 width 格（汉字在终端里占两格）。"""
     w = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
     return " " * max(0, width - w) + text
+
+
+def has_cjk(text: str) -> bool:
+    """文字里有没有汉字（中日韩统一表意文字，含扩展 A 区和兼容区）。"""
+    return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" or "\uf900" <= c <= "\ufaff" for c in text)
+
+
+def prompt_label(prompt: str, languages: str) -> str:
+    """"提问（中文）"还是"提问（英文）"：看提问里实际有没有汉字；模型只懂英文却收到中文提问时，顺带提醒一句。"""
+    if not has_cjk(prompt):
+        return "提问（英文）"
+    if "中文" in languages:
+        return "提问（中文）"
+    return "提问（中文——这个模型只懂英文，回答可能答非所问）"
+
+
+def languages_sentence(languages: str) -> str:
+    """"它只懂英文。" / "它懂中文和英文。"——模型信息里的语言说明本身不一定带动词。"""
+    return f"它{languages}。" if languages.startswith(("只", "懂", "能")) else f"它懂{languages}。"
 
 
 def entropy_bits(probs: torch.Tensor) -> float:
@@ -173,7 +192,7 @@ def print_step(tok, step, args, answer: list[int]) -> dict:
 
 def part_steps(lm, args, prompt_ids):
     title(2, "揭开一步：下一个 token 的概率表 → 选一个 → 接上 → 重复")
-    print(f"本地模型 {lm.name}，提问（英文）：{args.prompt}")
+    print(f"本地模型 {lm.name}，{prompt_label(args.prompt, lm.info.languages)}：{args.prompt}")
     print(f"提示词按聊天模板拼好后共 {len(prompt_ids)} 个 token。每一步都把整个序列重新喂给模型"
           f"（第 2 课会讲 KV cache 怎样省掉重复计算）。")
     print(f"选词规则：温度 {args.temperature}，top-k {args.top_k}，top-p {args.top_p}，种子 {args.seed}")
@@ -378,7 +397,7 @@ def plot_attention(A, focus_heads, labels, q, args):
     ax1.set_title(f"layer {args.layer}, " + ("mean of all heads" if args.head < 0 else f"head {args.head}")
                   + " (row = query, col = key)")
     im = ax2.imshow(focus_heads.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax2.set_title(f"each head: where '{labels[q]}' (query {q}) looks")
+    ax2.set_title(f"layer {args.layer}, each head: where '{labels[q]}' (query {q}) looks")
     for ax in (ax1, ax2):
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_xlabel("key (attended-to token)")
@@ -404,7 +423,7 @@ def load_local(client, args, device):
     t0 = time.perf_counter()
     lm = load_local_model(args.model_file, dtype=args.dtype, device=device, model=args.local_model)
     print(f"[模型] 本地模型 {lm.name} 已就绪（{time.perf_counter() - t0:.1f} 秒，{torch.get_num_threads()} 个 CPU 线程）。"
-          f"它{lm.info.languages}。" + ("想用中文对话：--local-model qwen0.5b（Qwen2.5 0.5B，中英文，首次多下载约 478 MB）。"
+          + languages_sentence(lm.info.languages) + ("想用中文对话：--local-model qwen0.5b（Qwen2.5 0.5B，中英文，首次多下载约 478 MB）。"
                                        if lm.key == "smollm2" else ""))
     check_model_args(args, lm.config)
     if client is not None and client.backend != "local":
@@ -434,7 +453,9 @@ def main(argv=None):
     if "attention" in args.parts:
         results["attention"] = part_attention(lm, args)
     results["total_seconds"] = time.perf_counter() - t_start
-    path = save_results(args.out_dir, results, merge=True)   # merge：只重跑某一部分时，别的部分的结果保留
+    # merge：只重跑某一部分时，别的部分的结果保留；每一部分都记下产生它的参数（run_args：提问、温度、层……）
+    path = save_results(args.out_dir, results, merge=True, run_args=args,
+                        files=[results["attention"]["png"]] if "attention" in results else ())
     print(f"\n结果已保存：{path}（总用时 {results['total_seconds']:.1f} 秒）")
 
 

@@ -210,6 +210,33 @@ def test_part_rerun_keeps_the_other_parts_results(local_fp32, tmp_path, capsys):
     assert results["tokens"]["vocab_size"] == local_fp32.tokenizer.n_vocab and "old" not in results["tokens"]
     assert results["parts"] == ["tokens"]
     assert "第 4 部分" in capsys.readouterr().out
+    # the rerun part records the arguments it ran with; the kept parts keep theirs (none here)
+    assert results["tokens"]["run_args"]["parts"] == ["tokens"] and results["tokens"]["run_args"]["prompt"]
+    assert "run_args" not in results["streaming"]
+
+
+def test_prompt_label_follows_the_prompt_language_and_the_model():
+    assert lesson.has_cjk("什么是大语言模型？") and lesson.has_cjk("Explain 模型") and not lesson.has_cjk("Explain LLMs.")
+    assert not lesson.has_cjk("こんにちは") and not lesson.has_cjk("ＯＫ！")   # kana, full-width Latin: not 汉字
+    assert lesson.prompt_label("Explain LLMs.", "只懂英文") == "提问（英文）"
+    assert lesson.prompt_label("Explain LLMs.", "中文和英文") == "提问（英文）"
+    assert lesson.prompt_label("什么是大语言模型？", "中文和英文") == "提问（中文）"
+    label = lesson.prompt_label("什么是大语言模型？", "只懂英文")
+    assert label.startswith("提问（中文") and "只懂英文" in label
+
+
+def test_languages_sentence_is_a_whole_sentence():
+    assert lesson.languages_sentence("只懂英文") == "它只懂英文。"
+    assert lesson.languages_sentence("中文和英文") == "它懂中文和英文。"
+    from common.model_files import LOCAL_MODELS
+    for info in LOCAL_MODELS.values():   # every model's sentence has a verb after 它
+        assert lesson.languages_sentence(info.languages)[1] in "只懂能"
+
+
+def test_part_2_labels_a_chinese_prompt_as_chinese(local_fp32, tmp_path, capsys):
+    lesson.main(["--part", "steps", "--steps", "1", "--prompt", "什么是大语言模型？", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "提问（中文" in out and "提问（英文）" not in out
 
 
 # ---------------------------------------------------------------------------
