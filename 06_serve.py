@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import concurrent.futures
 import os
@@ -55,20 +54,15 @@ from common.outputs import save_results
 from common.sampling import sample_next_token
 # Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
 # 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
-from common.serving import (ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind, error_body,
-                            error_response, install_plumbing, make_uvicorn, reject_unsupported, settings_from_env,
-                            sse)
+from common.serving import (CHAT_ACCEPTED, ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind,
+                            embeddings_body, error_body, error_response, install_plumbing, make_uvicorn,
+                            reject_unsupported, settings_from_env, sse, text_of_content)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
 EMBEDDING_MODEL = "text-embedding-all-minilm-l6-v2"     # /v1/embeddings：课程的 all-MiniLM-L6-v2（第 03 课）
 SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 SEED = dict(ge=-2**63, le=2**64 - 1)        # torch.Generator.manual_seed 能接受的范围：超出就在 API 边界回 422
-# OpenAI 有、本服务器没实现的参数：只接受"等于不用"的值（列出的那些），其他值回 400 unsupported_parameter
-UNSUPPORTED_DEFAULTS = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-                        "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
-                        "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
-                        "user": None, "metadata": None, "store": (False,)}   # None = 任何值都行（只是标注）
 
 
 # ================================================================ 第 1 部分：连续批处理引擎
@@ -356,7 +350,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；不认识的字段回 400，见 UNSUPPORTED_DEFAULTS）。"""
+    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；不认识的字段回 400，见 common/serving.py 的 CHAT_ACCEPTED）。"""
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -451,20 +445,6 @@ class Reply:
     def usage(self) -> dict:
         p, c = len(self.job.prompt), len(self.job.generated)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _text_of(content, where: str) -> str:
-    """消息内容变成文字。内容分段时每段必须是 {"type": "text", "text": 字符串}：图片等其他类型回 400。"""
-    if not isinstance(content, list):
-        return content or ""
-    for i, part in enumerate(content):
-        if part.get("type") != "text":
-            raise ApiError(400, f"不支持内容类型 {part.get('type')!r}：本服务器只懂文字（type=text）",
-                           code="unsupported_content_type", param=f"{where}.content.{i}.type")
-        if not isinstance(part.get("text"), str):
-            raise ApiError(400, f"type=text 的内容段需要字符串 text（收到 {part.get('text')!r}）",
-                           code="invalid_value", param=f"{where}.content.{i}.text")
-    return "".join(part["text"] for part in content)
 
 
 class Server:
@@ -629,11 +609,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, who: str = Depend
     reject_unsupported(body.model_extra, {"user": None, "dimensions": (384,)})
     texts = [body.input] if isinstance(body.input, str) else body.input
     vecs, tokens = await srv_of(request).embed(texts)
-    as_b64 = body.encoding_format == "base64"
-    data = [{"object": "embedding", "index": i, "embedding":
-             base64.b64encode(v.astype("<f4").tobytes()).decode() if as_b64 else v.tolist()} for i, v in enumerate(vecs)]
-    return {"object": "list", "data": data, "model": EMBEDDING_MODEL,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return embeddings_body(vecs, tokens, EMBEDDING_MODEL, body.encoding_format)
 
 
 async def chat_completions(body: ChatRequest, request: Request, who: str = Depends(caller)):
@@ -641,8 +617,8 @@ async def chat_completions(body: ChatRequest, request: Request, who: str = Depen
     srv = srv_of(request)
     if body.model != srv.model_id:
         raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {srv.model_id}", code="model_not_found")
-    reject_unsupported(body.model_extra, UNSUPPORTED_DEFAULTS)
-    new = [{"role": m.role, "content": _text_of(m.content, f"messages.{i}")} for i, m in enumerate(body.messages)]
+    reject_unsupported(body.model_extra, CHAT_ACCEPTED)
+    new = [{"role": m.role, "content": text_of_content(m.content, f"messages.{i}")} for i, m in enumerate(body.messages)]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     reply = srv.submit(srv.history(body.session_id, who) + new, body.max_completion_tokens or body.max_tokens,
                        1.0 if body.temperature is None else body.temperature,

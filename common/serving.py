@@ -9,6 +9,7 @@ are in Chinese, like the lesson.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import hmac
@@ -60,6 +61,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
         self.param = param
+
+
+# OpenAI chat parameters lesson 06 does not implement: only their "not used" values (listed) are accepted,
+# anything else is 400 unsupported_parameter. None = any value is harmless (an annotation).
+CHAT_ACCEPTED = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+                 "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+                 "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+                 "user": None, "metadata": None, "store": (False,)}
 
 
 def reject_unsupported(extra: dict | None, accepted: dict) -> None:
@@ -264,6 +273,30 @@ def settings_from_env(api_keys: str | None, rate_limit_rpm: int | None, session_
                           secret or secrets.token_urlsafe(32), _env_number("LLM_JWT_EXPIRE_MINUTES", 30.0)),
                 rate_limit_rpm=rpm,
                 session_db=session_db or os.environ.get("LLM_SESSION_DB") or default_session_db)
+
+
+# ------------------------------------------------------------------ OpenAI request/response shapes
+def text_of_content(content, where: str) -> str:
+    """A chat message's content as text. Content parts must each be {"type": "text", "text": <string>}: other
+    part types (images, audio) and non-string text are a 400 naming the part (`where` = "messages.<i>")."""
+    if not isinstance(content, list):
+        return content or ""
+    for i, part in enumerate(content):
+        if part.get("type") != "text":
+            raise ApiError(400, f"不支持内容类型 {part.get('type')!r}：本服务器只懂文字（type=text）",
+                           code="unsupported_content_type", param=f"{where}.content.{i}.type")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"type=text 的内容段需要字符串 text（收到 {part.get('text')!r}）",
+                           code="invalid_value", param=f"{where}.content.{i}.text")
+    return "".join(part["text"] for part in content)
+
+
+def embeddings_body(vecs, tokens: int, model: str, encoding_format: str) -> dict:
+    """OpenAI's /v1/embeddings response; "base64" (the openai SDK's default) = little-endian float32 bytes."""
+    def encode(v):
+        return base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding_format == "base64" else v.tolist()
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vecs)]}
 
 
 # ------------------------------------------------------------------ generic HTTP plumbing

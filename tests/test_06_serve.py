@@ -202,7 +202,7 @@ def test_stream_and_non_stream_match_the_reference(running, local_fp32):
     import openai
 
     client = openai.OpenAI(base_url=running.base_url, api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, serve.EMBEDDING_MODEL]      # chat first (clients pick the first), then embeddings
     msg = [{"role": "user", "content": "Name a fruit."}]
     r = client.chat.completions.create(model=MODEL, messages=msg, max_tokens=6, temperature=0)
     expected = reference(local_fp32, "Name a fruit.", 6)
@@ -513,7 +513,7 @@ def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint
     with serve.Running(make_server(lm, tmp_path / "s.sqlite3", max_context=128)) as run:
         client = openai.OpenAI(base_url=run.base_url, api_key=KEY, max_retries=0)
         model = "tiny-gpt-small"
-        assert [m.id for m in client.models.list()] == [model]
+        assert [m.id for m in client.models.list()] == [model, serve.EMBEDDING_MODEL]
 
         def ask(p):
             return client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
@@ -529,16 +529,14 @@ def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint
     assert status == 400 and "字符" in body["error"]["message"]        # a character the model never saw
 
 
-def test_checkpoint_without_export_gives_one_clear_line(tiny_checkpoint, tmp_path, script_env):
+def test_checkpoint_without_export_gives_one_clear_line(tiny_checkpoint, tmp_path, run_script):
     import shutil
 
     _, ckpt = tiny_checkpoint
     lone = tmp_path / "copy" / "ckpt_best.pt"
     lone.parent.mkdir()
     shutil.copy(ckpt, lone)
-    out = subprocess.run([sys.executable, "06_serve.py", "--checkpoint", str(lone), "--port", str(free_port()),
-                          "--out-dir", str(tmp_path)], cwd=Path(serve.__file__).parent, env=script_env,
-                         capture_output=True, text=True, timeout=120)
+    out = run_script("06_serve.py", "--checkpoint", str(lone), "--port", str(free_port()), "--out-dir", str(tmp_path))
     assert out.returncode != 0 and "model.pt2" in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
