@@ -59,6 +59,7 @@ ARRAY_KW = {"items", "prefixItems", "additionalItems", "minItems", "maxItems"}
 STRING_KW = {"minLength", "maxLength", "pattern", "format"}
 NUMBER_KW = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 MAX_STACK = 48          # 栈最多这么多帧（约 15 层嵌套）：$ref 递归时状态才有限，更深的展开直接剪掉
+MAX_COMPILE_DEPTH = 120  # 编译时 schema 嵌套（含 $ref 展开）的层数上限
 MAX_PATTERN_PROPS = 4   # patternProperties 最多几条（一个键同时匹配几条时要合并它们的 schema）
 
 
@@ -140,6 +141,7 @@ class Grammar:
         self.root, self.max_stack, self.infer_types = schema, max_stack, infer_types
         self.nodes: list[dict] = []
         self.refs: dict[str, int] = {}
+        self.memo: dict[int, tuple] = {}
         self.notes: list[str] = []             # 语法保证不了、要靠生成后校验的地方（oneOf 的"恰好一个"）
         cls = jsonschema.validators.validator_for(schema if isinstance(schema, dict) else {},
                                                   default=jsonschema.Draft202012Validator)
@@ -156,6 +158,21 @@ class Grammar:
 
     def node(self, s, path: str) -> int:
         """一个（子）schema → 节点号。"""
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_COMPILE_DEPTH:
+                raise refuse("$ref", path, f"展开后嵌套超过 {MAX_COMPILE_DEPTH} 层（$ref 和别的关键字一起反复引用自己？）")
+            if not isinstance(s, dict) or s == {}:
+                return self._node(s, path)
+            if id(s) not in self.memo:                 # 同一个 schema 对象只编译一次；先占位，递归引用会指回这里
+                nid = self.add({"kind": "union", "alts": []})
+                self.memo[id(s)] = (nid, s)            # 留住 s，它的 id 才不会被别的对象重用
+                self.nodes[nid]["alts"] = [self._node(s, path)]
+            return self.memo[id(s)][0]
+        finally:
+            self._depth -= 1
+
+    def _node(self, s, path: str) -> int:
         if s is True or s == {}:
             return self.any_node()
         if s is False:
@@ -219,8 +236,10 @@ class Grammar:
         if not isinstance(branches, list) or not branches:
             raise UserError(f"schema 的 {path}.{key} 应该是非空列表。")
         nid = self.add({"kind": "union", "alts": []})
-        self.nodes[nid]["alts"] = [self.node(merge(rest, b, path) if isinstance(b, dict) else (rest if b else False),
-                                             f"{path}.{key}[{i}]") for i, b in enumerate(branches)]
+        plain = not (set(rest) & SUPPORTED)            # 外层没有别的约束：分支原样编译（$ref 分支共用节点）
+        self.nodes[nid]["alts"] = [self.node(b if plain else merge(rest, b, path) if isinstance(b, dict) else
+                                             (rest if b else False), f"{path}.{key}[{i}]")
+                                   for i, b in enumerate(branches)]
         if key == "oneOf":
             self.notes.append(f"{path}.oneOf：语法按 anyOf 生成，\"恰好一个分支成立\"由生成后的 jsonschema 校验核实")
         return nid
@@ -340,7 +359,8 @@ class Grammar:
             node["props"].append((key, self.node(sub, f"{path}.{k}"), k in req))
         node["required_from"] = [any(r for _, _, r in node["props"][i:]) for i in range(len(node["props"]) + 1)]
         node["extra"] = None if extra_schema is False else self.node(extra_schema, f"{path}.*")
-        node["by_match"] = {m: self.node({"allOf": [patterns[i][1] for i in m]}, f"{path}.patternProperties")
+        node["by_match"] = {m: self.node(patterns[m[0]][1] if len(m) == 1 else {"allOf": [patterns[i][1] for i in m]},
+                                         f"{path}.patternProperties")
                             for n in range(1, len(patterns) + 1) for m in itertools.combinations(range(len(patterns)), n)}
         node["open"] = node["extra"] is not None or bool(patterns)
         return nid
