@@ -37,10 +37,11 @@ from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_fi
                         positive_float, positive_int, setup_run)
 from common.device import machine_busy, peak_rss_mb, synchronize
 from common.errors import UserError, read_json, require, run_cli
+from common.display import table
 from common.generate import generate_batch
 from common.lora import TARGETS, inject_lora, load_adapter, lora_modules, parse_targets, save_adapter
-from common.outputs import REPO_ROOT, output_dir, save_results
-from common.plots import new_figure, save_figure
+from common.outputs import REPO_ROOT, output_dir, partial_path, save_results
+from common.plots import legend_outside, new_figure, save_figure
 from common.training import train_record, training_facts
 
 NAME = "05_lora"
@@ -132,7 +133,27 @@ def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # 3. 评分：贪心生成答案（common/generate.py 的 generate_batch），解析意图
-def score(model, tok, examples: list[dict], max_new: int, label: str) -> dict:
+def intent_set(rows: list[dict]) -> set[str]:
+    """标签集合：数据里金标准答案出现过的全部意图（训练集 + 留出集）。"""
+    return {m.group(1).lower() for r in rows if (m := INTENT_RE.search(r["output"]))}
+
+
+def grade(golds: list[str], gens: list[str], intents: set[str]) -> dict:
+    """给生成的答案打分。格式正确 = 完全符合 "intent: <意图> | order: <订单号或 none>" 并且意图在标签集合里；
+    格式对、意图却是编出来的（如 excuse_intent）单独计数（invented_intent），不算格式正确。"""
+    gold_intents = [m.group(1).lower() if (m := INTENT_RE.search(g)) else None for g in golds]
+    pred_intents = [m.group(1).lower() if (m := INTENT_RE.search(g)) else None for g in gens]
+    shaped = [m.group(1) if (m := ANSWER_RE.match(p)) else None for p in gens]
+    n = len(gens)
+    return {"n": n, "exact_match": sum(g == p for g, p in zip(golds, gens)) / n,
+            "format_ok": sum(i is not None and i in intents for i in shaped) / n,
+            "invented_intent": sum(i is not None and i not in intents for i in shaped) / n,
+            "invented_intents": sorted({i for i in shaped if i is not None and i not in intents}),
+            "intent_accuracy": (sum(g == p for g, p in zip(gold_intents, pred_intents)) / n
+                                if all(gold_intents) else None)}   # 只有金标准答案里都有 intent 时才算
+
+
+def score(model, tok, examples: list[dict], max_new: int, label: str, intents: set[str] | None = None) -> dict:
     from tqdm import tqdm
     t0 = time.perf_counter()
     prompts = [prompt_ids(tok, ex) for ex in examples]
@@ -142,18 +163,13 @@ def score(model, tok, examples: list[dict], max_new: int, label: str) -> dict:
             chunk = prompts[i:i + EVAL_BATCH]
             gens += [tok.decode(g).strip() for g in generate_batch(model, chunk, max_new, stop_ids=tok.eos_ids)]
             bar.update(len(chunk))
-    golds = [ex["output"].strip() for ex in examples]
-    gold_intents = [m.group(1).lower() if (m := INTENT_RE.search(g)) else None for g in golds]
-    pred_intents = [m.group(1).lower() if (m := INTENT_RE.search(g)) else None for g in gens]
-    n = len(examples)
-    res = {"n": n, "exact_match": sum(g == p for g, p in zip(golds, gens)) / n,
-           "format_ok": sum(bool(ANSWER_RE.match(p)) for p in gens) / n,
-           "intent_accuracy": (sum(g == p for g, p in zip(gold_intents, pred_intents)) / n
-                               if all(gold_intents) else None),   # 只有金标准答案里都有 intent 时才算
+    res = {**grade([ex["output"].strip() for ex in examples], gens, intents or intent_set(examples)),
            "seconds": time.perf_counter() - t0, "outputs": gens}
     acc = "—" if res["intent_accuracy"] is None else f"{res['intent_accuracy']:.1%}"
-    print(f"  [{label}] 意图准确率 {acc}｜格式正确 {res['format_ok']:.1%}｜完全一致 {res['exact_match']:.1%}"
-          f"（{n} 条留出样本，{res['seconds']:.0f} 秒）")
+    made_up = (f"｜格式对但意图是编的 {res['invented_intent']:.1%}（{', '.join(res['invented_intents'])}）"
+               if res["invented_intents"] else "")
+    print(f"  [{label}] 意图准确率 {acc}｜格式正确 {res['format_ok']:.1%}{made_up}｜完全一致 {res['exact_match']:.1%}"
+          f"（{res['n']} 条留出样本，{res['seconds']:.0f} 秒）")
     return res
 
 
@@ -364,10 +380,7 @@ def step_inject(a, lm) -> tuple[nn.Module, dict, dict]:
     inject_lora(model, a.targets, a.rank, a.alpha, a.dropout)
     model.train()
     rep = param_report(model, a.targets)
-    print(f"{'模块':<6}{'层数':>4}{'W 形状(out×in)':>16}{'原参数':>12}{'LoRA 参数':>11}{'= r·(in+out)·层数':>18}")
-    for t, r in rep["per_type"].items():
-        print(f"{t:<6}{r['layers']:>5}{'×'.join(map(str, r['shape_out_in'])):>16}{r['base_params']:>13,}"
-              f"{r['lora_params']:>12,}{r['formula_r_in_plus_out']:>18,}")
+    print(param_table(rep))
     print(f"可训练 {rep['trainable']:,} / 总参数（原模型 {rep['total'] - rep['trainable']:,} + LoRA）{rep['total']:,}"
           f" = {rep['trainable_pct']:.3f}%")
     cfg = lm.config
@@ -381,14 +394,21 @@ def step_inject(a, lm) -> tuple[nn.Module, dict, dict]:
     return model, rep, {"this_model": ours, "llama2_7b_like": b7}
 
 
+def param_table(rep: dict) -> str:
+    """每种被注入的线性层一行：层数、形状、原参数、LoRA 参数（按终端显示宽度对齐，汉字占两格）。"""
+    rows = [["模块", "层数", "W 形状(out×in)", "原参数", "LoRA 参数", "= r·(in+out)·层数"]]
+    rows += [[t, r["layers"], "×".join(map(str, r["shape_out_in"])), f"{r['base_params']:,}", f"{r['lora_params']:,}",
+              f"{r['formula_r_in_plus_out']:,}"] for t, r in rep["per_type"].items()]
+    return table(rows)
+
+
 def step_train(a, model, train_data: list, eval_data: list, loss_before: float, meta: dict) -> tuple[dict, float]:
     print(f"\n== 3. 训练 LoRA：{a.steps} 步（时间上限 {a.time_budget:g} 分钟，只作保险），batch {a.batch_size}，"
           f"lr {a.lr:g}，只在答案 token 上算 loss ==")
-    adapter_path = output_dir(a.out_dir) / "adapter.safetensors"
-
-    def on_interrupt():                                      # Ctrl-C：先保存当前的适配器
-        save_adapter(model, adapter_path, meta)
-        print(f"\n已把当前的适配器保存到 {adapter_path}")
+    def on_interrupt():                                      # Ctrl-C：先保存当前的适配器（不覆盖上次训练完的那份）
+        path = partial_path(output_dir(a.out_dir) / "adapter.safetensors")
+        save_adapter(model, path, meta)
+        print(f"\n已把当前（没训练完）的适配器保存到 {path}")
 
     params = [p for p in model.parameters() if p.requires_grad]
     run = train(model, params, train_data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
@@ -405,9 +425,9 @@ def step_train(a, model, train_data: list, eval_data: list, loss_before: float, 
     return run, loss_after
 
 
-def step_after(a, model, tok, eval_rows: list[dict], zero: dict) -> dict:
+def step_after(a, model, tok, eval_rows: list[dict], zero: dict, intents: set[str]) -> dict:
     print("\n== 4. 训练后：LoRA 模型在同一留出集上的表现 ==")
-    after = score(model, tok, eval_rows, a.max_new_tokens, "LoRA 之后")
+    after = score(model, tok, eval_rows, a.max_new_tokens, "LoRA 之后", intents)
     print("\n并排对比（留出样本，原模型 vs LoRA）：")
     for i in range(min(4, len(eval_rows))):
         print(f"  顾客：{eval_rows[i].get('input', '')}\n    期望：{eval_rows[i]['output']}\n"
@@ -415,9 +435,10 @@ def step_after(a, model, tok, eval_rows: list[dict], zero: dict) -> dict:
     return after
 
 
-def step_save_adapter(a, model, meta: dict, probe: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def step_save_adapter(a, model, meta: dict, probe: torch.Tensor, partial: bool) -> tuple[dict, torch.Tensor]:
     print("\n== 5. 只保存适配器，重新加载，合并进权重，再拆分 ==")
     path = output_dir(a.out_dir) / "adapter.safetensors"
+    path = partial_path(path) if partial else path          # 没训练完的适配器不覆盖上次训练完的那份
     save_adapter(model, path, meta)
     ad_mb = path.stat().st_size / 2**20
     base_mb = sum(p.numel() * 4 for n, p in model.named_parameters() if not p.requires_grad) / 2**20
@@ -470,6 +491,13 @@ def compare_run(a, base, kind: str, train_data: list) -> dict:
             "warmup_steps": r["warmup_steps"], **mem}
 
 
+def compare_table(rows: list[tuple[str, str]], lv: dict, fv: dict) -> str:
+    """LoRA vs 全参数：每个量一行（按终端显示宽度对齐：汉字占两格，中文终端里列也是齐的）。"""
+    return table([["", "LoRA", "全参数", "全参数/LoRA"]]
+                 + [[label, f"{lv[key]:.3f}", f"{fv[key]:.3f}", f"{fv[key] / lv[key]:.1f}x" if lv[key] else "—"]
+                    for label, key in rows])
+
+
 def step_compare(a, base, train_data: list) -> dict:
     print(f"\n== 6. 对比：从原模型出发，LoRA（lr {a.lr:g}）和全参数微调（lr {a.full_ft_lr:g}）各训练 {a.full_ft} 步，"
           f"用同样的 batch，紧挨着测速度和内存 ==")
@@ -482,9 +510,7 @@ def step_compare(a, base, train_data: list) -> dict:
         rows.append(("GPU 显存峰值 (MB)", "cuda_peak_mb"))
     lv, fv = side["lora"], side["full"]
     side["ratios_full_over_lora"] = {key: fv[key] / lv[key] if lv[key] else None for _, key in rows}
-    print(f"{'':<28}{'LoRA':>12}{'全参数':>12}{'全参数/LoRA':>12}")
-    for label, key in rows:
-        print(f"{label:<28}{lv[key]:>12.3f}{fv[key]:>12.3f}{fv[key] / lv[key]:>11.1f}x")
+    print(compare_table(rows, lv, fv))
     if lv["peak_rss_mb"]:
         print(f"进程内存高水位（resource.ru_maxrss，只升不降）：LoRA 对比后 {lv['peak_rss_mb']:.0f} MB → "
               f"全参数对比后 {fv['peak_rss_mb']:.0f} MB")
@@ -497,11 +523,21 @@ def step_compare(a, base, train_data: list) -> dict:
     return side
 
 
-def plot_losses(main_run: dict, side: dict | None, path: Path) -> Path:
-    """左：本课的 LoRA 训练；右：LoRA 与全参数微调，同样的 batch、同样的学习率计划（只比较同类）。对数纵轴。"""
+MIN_COMPARE_STEPS = 5   # 对比只跑了几步时，两条 loss 曲线说明不了任何事（--quick 只有 2 步）：不画右图
+
+
+def plot_losses(main_run: dict, side: dict | None, path: Path) -> tuple[Path, str]:
+    """左：本课的 LoRA 训练；右：LoRA 与全参数微调，同样的 batch、同样的学习率计划（只比较同类）。对数纵轴。
+    对比少于 MIN_COMPARE_STEPS 步时只画左图。返回 (图的路径, 一句说明右图为什么没有画；画了就是空字符串)。"""
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
-    fig, axes = new_figure(ncols=2 if side else 1)
+    note = ""
+    if side and len(side["lora"]["losses"]) < MIN_COMPARE_STEPS:
+        note = (f"（对比只跑了 {len(side['lora']['losses'])} 步：这么少的步数里两条 loss 曲线的高低只是噪声，"
+                f"所以图里不画对比；对比看的是上面的速度和内存表。至少 {MIN_COMPARE_STEPS} 步（--full-ft）才画。）")
+        side = None
+    fig, axes = new_figure(ncols=2 if side else 1, size=(13.5, 4.4) if side else (7.5, 4.4))
     axes = list(axes) if side else [axes]
+    colours = {"LoRA": "C0", "full fine-tuning": "C1"}      # 两个面板里同一种颜色 = 同一种训练
     runs = [[("LoRA", "-", main_run["losses"])]]
     if side:
         runs.append([("LoRA", "o-", side["lora"]["losses"]), ("full fine-tuning", "s-", side["full"]["losses"])])
@@ -509,7 +545,7 @@ def plot_losses(main_run: dict, side: dict | None, path: Path) -> Path:
     titles = ["LoRA training", "LoRA vs full FT: same batches, same schedule"]
     for ax, lines, w, title in zip(axes, runs, warm, titles):
         for label, style, ys in lines:
-            ax.plot(range(1, len(ys) + 1), ys, style, label=label)
+            ax.plot(range(1, len(ys) + 1), ys, style, label=label, color=colours[label])
         ys = [y for _, _, v in lines for y in v]
         ax.set_title(f"{title} ({len(lines[0][2])} steps, {f'{w}-step warmup' if w > 1 else 'no warmup'})", fontsize=10)
         ax.set_yscale("log")
@@ -517,10 +553,10 @@ def plot_losses(main_run: dict, side: dict | None, path: Path) -> Path:
             ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="step", ylabel="answer-token loss (log scale)")
-        ax.legend()
+        ax.set(xlabel="training step", ylabel="answer-token loss (log scale)")
         ax.grid(alpha=0.3, which="both")
-    return save_figure(fig, path)
+    legend_outside(axes[-1])
+    return save_figure(fig, path), note
 
 
 # 命令行参数与 main
@@ -565,22 +601,26 @@ def main(argv=None):
     train_data, eval_data = step_data(a, tok, train_rows, eval_rows)
 
     print("\n== 1. 训练前：原模型（零样本）在留出集上的表现 ==")
-    zero = score(lm.model, tok, eval_rows, a.max_new_tokens, "零样本")
+    intents = intent_set(train_rows + eval_rows)             # 标签集合：数据里出现过的意图
+    zero = score(lm.model, tok, eval_rows, a.max_new_tokens, "零样本", intents)
     loss_before = heldout_loss(lm.model, eval_data)
 
     model, rep, arith = step_inject(a, lm)
     meta = {"rank": a.rank, "alpha": a.alpha, "targets": a.targets, "base": lm.name}
     lora_run, loss_after = step_train(a, model, train_data, eval_data, loss_before, meta)
-    after = step_after(a, model, tok, eval_rows, zero)
+    after = step_after(a, model, tok, eval_rows, zero, intents)
 
     probe = collate([(prompt_ids(tok, ex), []) for ex in eval_rows[:4]], 0)[0].to(model.device)
-    adapter, ref = step_save_adapter(a, model, meta, probe)
+    partial = lora_run["cut_by_time_budget"]                # 被时间上限截断：这次的产物都是"没做完的"
+    adapter, ref = step_save_adapter(a, model, meta, probe, partial)
     del model                                                # 从文件重新加载，证明文件里就是全部的训练成果
     adapter["reload_bitwise_equal"], merge = step_reload_merge_unmerge(a, lm.model, adapter["path"], probe, ref)
 
     side = step_compare(a, lm.model, train_data) if a.full_ft else None
 
-    print(f"\nloss 曲线：{plot_losses(lora_run, side, output_dir(a.out_dir) / 'loss_curve.png')}")
+    png = output_dir(a.out_dir) / "loss_curve.png"
+    png, note = plot_losses(lora_run, side, partial_path(png) if partial else png)
+    print(f"\nloss 曲线：{png}{note}")
     total_s, cpu_s = time.perf_counter() - t_run, time.process_time() - c_run
     res = {"config": vars(a), "device": str(lm.model.device), "threads": threads,
            "n_train": len(train_data), "n_eval": len(eval_rows), "params": rep, "arithmetic": arith,
@@ -589,7 +629,9 @@ def main(argv=None):
                           "median_step_cpu_s": median_step(lora_run["step_cpu_times"])},
            "training_cut_short": lora_run["cut_by_time_budget"], "comparison": side, "adapter": adapter, "merge": merge,
            "loss_fell": loss_after < loss_before, "total_seconds": total_s, "total_cpu_seconds": cpu_s}
-    print(f"结果：{save_results(a.out_dir, res)}（总用时 {total_s:.0f} 秒，本进程 CPU 时间 {cpu_s:.0f} 秒）")
+    saved = save_results(a.out_dir, res, files=[png, adapter["path"]], partial=partial,
+                         may_write=["loss_curve.png", "adapter.safetensors"])
+    print(f"结果：{saved}（总用时 {total_s:.0f} 秒，本进程 CPU 时间 {cpu_s:.0f} 秒）")
     za, aa = zero["intent_accuracy"], after["intent_accuracy"]
     if za is not None:
         print(f"\n小结：意图准确率 {za:.1%} → {aa:.1%}；格式正确 {zero['format_ok']:.1%} → {after['format_ok']:.1%}；"

@@ -33,6 +33,7 @@ def save_results(name: str | Path, data: dict, merge: bool = False, *, run_args=
     may_write: names of every artefact the lesson can write there. Without merge, any of them that this run
         did not write is removed, as is any file the previous results.json listed under "files" that this run
         did not write: it came from an earlier run that these results no longer describe. One folder, one run.
+        A finished run also removes the <stem>.partial<suffix> copies of may_write left by a partial run.
     partial: the run did not finish (Ctrl-C, a time cap). A finished results.json already there is never
         replaced by a partial one: the partial results go beside it as results.partial.json (see partial_path).
         A finished run removes a results.partial.json left by an earlier partial run.
@@ -56,6 +57,8 @@ def save_results(name: str | Path, data: dict, merge: bool = False, *, run_args=
         earlier = old.get("files") if isinstance(old.get("files"), list) else []
         for stale in (set(may_write) | set(earlier)) - set(names):
             _remove_stale(out / Path(stale).name)
+        for name in may_write:                              # a finished run supersedes an earlier partial one
+            _remove_stale(out / f"{Path(name).stem}.partial{Path(name).suffix}")
     if names:
         data["files"] = names
     data.pop("partial", None)

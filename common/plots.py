@@ -3,6 +3,9 @@
     fig, ax = new_figure()
     ax.plot(...)
     path = save_figure(fig, out_dir / "loss.png")     # returns the path; the lesson prints it
+
+Rules every lesson's figure keeps: one colour means one thing in every panel of a figure (a shared legend,
+legend_outside on the last panel); every axis labelled; legends outside the data.
 """
 from __future__ import annotations
 
@@ -18,6 +21,12 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] | None 
 
     size = size or (6.4 * ncols, 4.2 * nrows)
     return plt.subplots(nrows, ncols, figsize=size)
+
+
+def legend_outside(ax, **kw):
+    """The legend to the right of the axes, never over the data (tight_layout in save_figure makes room).
+    With several panels that share colours, call it once, on the last panel: one legend for the figure."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, **kw)
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:

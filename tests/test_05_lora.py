@@ -258,6 +258,57 @@ def test_score_batches_prompts_of_different_lengths_like_one_at_a_time(wide, tok
     assert "[t] 意图准确率 0.0%｜格式正确 0.0%" in capsys.readouterr().out
 
 
+def test_an_invented_intent_is_not_format_correct():
+    intents = L5.intent_set(L5.load_examples(REPO / "data" / "lora" / "train.json"))
+    assert "refund" in intents and "excuse_intent" not in intents
+    golds = ["intent: refund | order: 123", "intent: refund | order: none", "intent: complaint | order: none"]
+    gens = ["intent: refund | order: 123", "intent: excuse_intent | order: none", "refund please"]
+    res = L5.grade(golds, gens, intents)
+    assert res["format_ok"] == pytest.approx(1 / 3)              # only the first: the second made its intent up
+    assert res["invented_intent"] == pytest.approx(1 / 3) and res["invented_intents"] == ["excuse_intent"]
+    assert res["exact_match"] == pytest.approx(1 / 3) and res["intent_accuracy"] == pytest.approx(1 / 3)
+
+
+def column_ends(text: str) -> list[list[int]]:
+    """For each line, the terminal column where each cell ends (cells are separated by 2+ spaces)."""
+    import re
+
+    from common.display import width
+    ends = []
+    for line in text.splitlines():
+        ends.append([width(line[:m.end()]) for m in re.finditer(r"\S+(?: \S+)*", line)])
+    return ends
+
+
+def test_lora_vs_full_table_lines_up_in_a_chinese_terminal():
+    rows = [("每步墙钟时间（中位数，秒）", "step_time"), ("可训练参数 (MB)", "trainable_mb"), ("梯度 (MB)", "grads_mb")]
+    lv = {"step_time": 0.5, "trainable_mb": 1.25, "grads_mb": 1.25}
+    fv = {"step_time": 1.5, "trainable_mb": 500.0, "grads_mb": 500.0}
+    ends = column_ends(L5.compare_table(rows, lv, fv))
+    assert len(ends) == 4
+    numbers = [e[-3:] for e in ends]                          # the three right-aligned number columns
+    assert all(e == numbers[0] for e in numbers), L5.compare_table(rows, lv, fv)
+
+
+def test_param_table_lines_up(local_fp32):
+    a = L5.parse_args([])
+    text = L5.param_table(L5.param_report(wrapped(local_fp32.model, a.targets, a.rank, a.alpha), a.targets))
+    ends = [e[1:] for e in column_ends(text)]                   # every column after the module name, right-aligned
+    assert len(ends) == 5 and all(e == ends[0] for e in ends), text
+
+
+def test_a_two_step_comparison_is_not_plotted(tmp_path):
+    from PIL import Image
+    main_run = {"losses": [3.0, 2.5, 2.0, 1.8], "warmup_steps": 1}
+    side = {"lora": {"losses": [3.0, 3.1], "warmup_steps": 1}, "full": {"losses": [3.0, 3.0], "warmup_steps": 1}}
+    png, note = L5.plot_losses(main_run, side, tmp_path / "two.png")
+    assert "2 步" in note and "不画对比" in note
+    long = {k: {"losses": [3.0, 2.9, 2.8, 2.7, 2.6], "warmup_steps": 1} for k in ("lora", "full")}
+    png5, note5 = L5.plot_losses(main_run, long, tmp_path / "five.png")
+    assert note5 == ""
+    assert Image.open(png).size[0] < Image.open(png5).size[0]  # one panel vs two
+
+
 def test_default_config_trains_under_one_percent(local_fp32):
     a = L5.parse_args([])
     assert (a.steps, a.batch_size, a.full_ft, a.targets) == (80, 8, 4, ["q", "k", "v", "o"])

@@ -44,8 +44,10 @@ def test_a_partial_run_never_replaces_a_finished_one(tmp_path):
     assert read(tmp_path / "results.json")["steps"] == 80 and png.read_bytes() == b"finished plot"
     assert partial_path(png).name == "loss_curve.partial.png"
     # the next finished run replaces results.json and clears the partial file
+    partial_path(png).write_bytes(b"partial plot")
     save_results(tmp_path, {"steps": 80}, files=[png], may_write=["loss_curve.png"])
     assert not (tmp_path / "results.partial.json").exists() and "partial" not in read(tmp_path / "results.json")
+    assert not (tmp_path / "loss_curve.partial.png").exists() and png.is_file()
 
 
 def test_a_partial_run_in_an_empty_folder_says_so(tmp_path):
