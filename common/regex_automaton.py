@@ -268,7 +268,7 @@ class _Nfa:
                 start = self.build(sub, s)
             self.eps[start].append(end)
             return end
-        raise RegexError("^ 只能出现在开头，$ 只能出现在结尾")
+        raise RegexError("^ 只能出现在（顶层分支的）开头，$ 只能出现在结尾")
 
 
 def _strip_anchors(branch):
@@ -298,7 +298,10 @@ class Regex:
             nfa.eps[begin].append(s)
             if not bol:
                 s = nfa.build(("rep", ("set", ANY), 0, None), s)
-            s = nfa.build(body, s)
+            try:
+                s = nfa.build(body, s)
+            except RegexError as e:
+                raise RegexError(f"正则 {pattern!r}：{e}") from None
             if not eol:
                 s = nfa.build(("rep", ("set", ANY), 0, None), s)
             nfa.eps[s].append(self.accept)
