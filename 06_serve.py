@@ -5,8 +5,10 @@
      （continuous batching），每一步只做一次批量前向：新来者的提示词预填充 + 其他序列各解码一个
      token；每个序列在 KV 缓存里有自己的一行（slot），结束的序列立刻退出、把位置让出来。
   2. 服务器：FastAPI + uvicorn（vLLM / SGLang 的 OpenAI 服务器也用它们），OpenAI 兼容的
-     /v1/models、/v1/chat/completions（SSE 流式 / 非流式），/healthz、/readyz、/metrics
-     （Prometheus），/v1/generate 与 SQLite 会话，API key / OAuth2 + JWT 认证，限流（429）。
+     /v1/models、/v1/chat/completions（SSE 流式 / 非流式）、/v1/embeddings，/healthz、/readyz、/metrics
+     （Prometheus），/v1/generate 与 SQLite 会话，API key / OAuth2 + JWT 认证，限流（429）；
+     以及我们攻击自己的服务器后补上的防线（docs/06 第 7 节）：先认证再读请求体、请求体上限、
+     一个请求出错不拖垮引擎、客户端断开立刻释放、关闭时告诉被中断的流。
   3. 压测（--demo）：1、2、4、8、16 个并发流式客户端，对比"一次只服务一个请求"和连续批处理的
      总吞吐、首 token 延迟（TTFT）p50/p95、每 token 延迟 p50/p95——并用实测数字解释
      为什么批处理在"读内存受限"的解码阶段能成倍提高吞吐，又付出了什么延迟代价。
