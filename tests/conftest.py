@@ -57,23 +57,35 @@ def run_script(script_env, monkeypatch, capsys):
     """`python <script> <args>` inside this process: the script file runs as __main__ (runpy, so through its own
     `if __name__ == "__main__": run_cli(main)`) with that sys.argv, the repo root as cwd and script_env's
     environment (or `env`). It skips the seconds a new process spends importing torch; tests/test_cli.py
-    runs one bad flag as a real process. For quick error paths only: nothing here stops a hanging run.
+    runs one bad flag as a real process. For quick error paths: a run still going after `timeout` seconds (e.g. a
+    server that started instead of refusing) gets a Ctrl-C (as a user would) and the test fails.
     Returns a CompletedProcess (returncode, stdout, stderr); an exception run_cli lets through propagates."""
     import runpy
+    import signal
     import subprocess
+    import threading
 
-    def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(script: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         for k, v in (script_env if env is None else env).items():
             monkeypatch.setenv(k, v)
         monkeypatch.chdir(REPO_ROOT)
         monkeypatch.setattr(sys, "argv", [script, *args])
         capsys.readouterr()                                   # only this run's output
+        fired, main_thread = [], threading.main_thread().ident
+        watchdog = threading.Timer(timeout, lambda: fired.append(signal.pthread_kill(main_thread, signal.SIGINT)))
+        watchdog.start()
         try:
             runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
             code = 0
         except SystemExit as e:
             code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            watchdog.cancel()
         out = capsys.readouterr()
+        if fired:
+            pytest.fail(f"`python {script} {' '.join(args)}` did not finish within {timeout} s\n{out.out[-2000:]}\n{out.err[-2000:]}")
         return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
     return run
 
