@@ -1,7 +1,7 @@
 """Unit tests for lesson 06's plumbing under attack (common/serving.py): identities, sessions, JWTs, guessing.
 
 Each test reproduces one defect of the security review (see docs/06 "我们怎样攻击自己的服务器") and fails
-on the code before the fix. No model, no HTTP: these are the building blocks; tests/test_06_serve.py
+on the code before the fix. No model, no HTTP: these are the building blocks; tests/test_06_attacks.py
 drives the same defects through the real server.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jwt
 import pytest
 
 from common.errors import UserError
-from common.serving import ApiError, Auth, FailedAttempts, Sessions
+from common.serving import CHAT_ACCEPTED, ApiError, Auth, FailedAttempts, RedactQuery, Sessions, reject_unsupported
 
 SECRET = "s" * 32
 
@@ -116,3 +116,24 @@ def test_failed_attempts_window_expires():
         f.check("a")
     time.sleep(0.25)
     f.check("a")
+
+
+def test_access_log_query_strings_are_redacted():
+    import logging
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/models?api_key=sk-secret", "1.1", 200), None)
+    assert RedactQuery().filter(record)
+    assert "sk-secret" not in record.getMessage() and "/v1/models?" in record.getMessage()
+    plain = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                              ("127.0.0.1:5", "GET", "/healthz", "1.1", 200), None)
+    assert RedactQuery().filter(plain) and "/healthz HTTP" in plain.getMessage()
+
+
+def test_unsupported_parameters_accept_only_harmless_values():
+    reject_unsupported({"n": 1, "presence_penalty": 0.0, "logprobs": False, "user": "u-1", "logit_bias": {}},
+                       CHAT_ACCEPTED)
+    for extra in ({"n": 2}, {"presence_penalty": 0.1}, {"logprobs": True}, {"typo_field": 1}):
+        with pytest.raises(ApiError) as e:
+            reject_unsupported(extra, CHAT_ACCEPTED)
+        assert (e.value.status, e.value.code, e.value.param) == (400, "unsupported_parameter", next(iter(extra)))
