@@ -30,8 +30,9 @@ import torch
 
 from common.cli import add_knob, course_parser, int_list, parts_type, positive_int, setup_run
 from common.errors import UserError, require, run_cli
+from common.display import table
 from common.outputs import save_results
-from common.plots import new_figure, save_figure
+from common.plots import legend_outside, new_figure, save_figure
 
 NAME = "02_understand_kv_cache"
 PARTS = ["toy", "real", "memory"]
@@ -158,6 +159,14 @@ def toy_sentences(rows: list[dict]) -> list[str]:
     return lines
 
 
+def toy_table(rows: list[dict]) -> str:
+    """玩具的计时表（按终端显示宽度对齐：汉字占两格）。"""
+    head = ["步数 n", "不缓存 s", "缓存 s", "实测加速", "数出的 MAC 比", "不缓存 GMAC/s", "缓存 GMAC/s"]
+    return table([head] + [[r["n"], f"{r['no_cache_s']:.4f}", f"{r['cached_s']:.4f}", f"{r['speedup']:.1f}×",
+                            f"{r['mac_ratio']:.1f}×", f"{r['gmacs_no_cache']:.2f}", f"{r['gmacs_cached']:.2f}"]
+                           for r in rows], sep=" | ")
+
+
 def part_toy(args) -> dict:
     print("\n=== 第 1 部分：numpy 玩具（单层注意力）===")
     d, N = args.d_model, args.seq_len
@@ -165,7 +174,6 @@ def part_toy(args) -> dict:
     diff = check_toy_same(toy_generate_no_cache(w, N), toy_generate_cached(w, N))
     print(f"生成 {N} 步，d_model={d}：不缓存 vs 缓存 输出 allclose = True（最大差 {diff:.2e}）")
     rows = []
-    print(f"\n{'步数 n':>7} | {'不缓存 s':>9} | {'缓存 s':>8} | {'实测加速':>8} | {'数出的 MAC 比':>12} | 不缓存 GMAC/s | 缓存 GMAC/s")
     for n in sorted({max(2, N // 8), max(2, N // 4), max(2, N // 2), N}):
         reps = 3 if n <= 256 else 1   # 取多次中最快的一次，减少机器负载带来的噪声
         t_nc = min(timeit.repeat(lambda: toy_generate_no_cache(w, n), repeat=reps, number=1))
@@ -174,9 +182,7 @@ def part_toy(args) -> dict:
         rows.append({"n": n, "no_cache_s": t_nc, "cached_s": t_c, "speedup": t_nc / t_c,
                      "macs_no_cache": m_nc, "macs_cached": m_c, "mac_ratio": m_nc / m_c,
                      "gmacs_no_cache": m_nc / t_nc / 1e9, "gmacs_cached": m_c / t_c / 1e9})
-        r = rows[-1]
-        print(f"{n:>7} | {t_nc:9.4f} | {t_c:8.4f} | {r['speedup']:7.1f}× | {r['mac_ratio']:11.1f}× |"
-              f" {r['gmacs_no_cache']:12.2f} | {r['gmacs_cached']:10.2f}")
+    print("\n" + toy_table(rows))
     lines = toy_sentences(rows)
     print("解读：" + "\n      ".join(lines))
     return {"d_model": d, "seq_len": N, "allclose": True, "max_abs_diff": diff, "table": rows, "interpretation": lines}
@@ -197,6 +203,13 @@ def greedy_timed(lm, prompt_ids: list[int], n: int, use_cache: bool, desc: str) 
             bar.update()
         tokens = list(generate(lm.model, prompt_ids, n, temperature=0.0, use_cache=use_cache, stop_ids=(), on_step=on_step))
     return tokens, times
+
+
+def warm_up(lm, prompt_ids: list[int]) -> None:
+    """计时前先各跑 2 步（不计时）：进程里的第一次前向要分配内存、初始化线程池和矩阵乘内核，
+    会慢上一秒多。不预热的话，先跑的"有缓存"第 1 步会多出这一截，看起来像有缓存反而更慢。"""
+    for use_cache in (True, False):
+        greedy_timed(lm, prompt_ids, 2, use_cache, "预热")
 
 
 def check_same_tokens(tok_c: list[int], tok_n: list[int], dtype: str) -> int | None:
@@ -243,15 +256,15 @@ def linear_weight_bytes(model) -> int:
 def speed_table(cfg, P: int, lengths: list[int], t_c: list[float], t_n: list[float]) -> list[dict]:
     """生成前 L 个 token 的耗时 = 这次运行前 L 步之和（贪心生成 L 个 token 正是更长那次的前 L 步）。"""
     rows = []
-    print(f"\n{'新 token 数':>10} | {'无缓存 s':>9} | {'有缓存 s':>9} | {'无缓存 tok/s':>11} | {'有缓存 tok/s':>11} | {'加速比':>6} | MAC 之比")
     for L in lengths:
         s_n, s_c = sum(t_n[:L]), sum(t_c[:L])
         m_n, m_c = model_macs(cfg, P, L)
         rows.append({"new_tokens": L, "no_cache_s": s_n, "cached_s": s_c, "no_cache_tok_s": L / s_n,
                      "cached_tok_s": L / s_c, "speedup": s_n / s_c, "mac_ratio": m_n / m_c})
-        r = rows[-1]
-        print(f"{L:>10} | {s_n:9.2f} | {s_c:9.2f} | {r['no_cache_tok_s']:11.1f} | {r['cached_tok_s']:11.1f} |"
-              f" {r['speedup']:5.1f}× | {r['mac_ratio']:6.1f}×")
+    head = ["新 token 数", "无缓存 s", "有缓存 s", "无缓存 tok/s", "有缓存 tok/s", "加速比", "MAC 之比"]
+    print("\n" + table([head] + [[r["new_tokens"], f"{r['no_cache_s']:.2f}", f"{r['cached_s']:.2f}",
+                                  f"{r['no_cache_tok_s']:.1f}", f"{r['cached_tok_s']:.1f}", f"{r['speedup']:.1f}×",
+                                  f"{r['mac_ratio']:.1f}×"] for r in rows], sep=" | "))
     return rows
 
 
@@ -308,13 +321,15 @@ def profile_step(lm, L: int, use_cache: bool, top: int = 6) -> list[dict]:
 
 def plot_step_times(t_c: list[float], t_n: list[float], P: int, name: str, dtype: str, out_dir):
     pos = np.arange(P, P + len(t_c))
-    fig, ax = new_figure(size=(7, 4))
-    ax.plot(pos, np.array(t_n) * 1e3, label="no KV cache (recompute all)")
-    ax.plot(pos, np.array(t_c) * 1e3, label="with KV cache (new token only)")
-    ax.set(xlabel="sequence length (position of the new token)", ylabel="time for this token (ms)", yscale="log",
-           title=f"{name} ({dtype}): time per generated token")
+    fig, ax = new_figure(size=(9.5, 4))
+    ax.plot(pos, np.array(t_n) * 1e3, label="no KV cache (recompute all)", color="C1")
+    ax.plot(pos, np.array(t_c) * 1e3, label="with KV cache (new token only)", color="C0")
+    ax.annotate("step 1 = prefill: both read\nthe whole prompt (after warm-up)", (pos[0], t_c[0] * 1e3),
+                xytext=(12, -6), textcoords="offset points", fontsize=8, va="top")
+    ax.set(xlabel="sequence length (position of the new token)", ylabel="time for this token (ms, log scale)",
+           yscale="log", title=f"{name} ({dtype}): time per generated token")
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_outside(ax)
     path = save_figure(fig, out_dir / f"time_per_token_{dtype}.png")
     print(f"图已保存：{path}")
     return path
@@ -363,7 +378,9 @@ def part_real(args, device, notes: list[str]) -> dict:
     prompt_ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     P, n = len(prompt_ids), args.max_new_tokens
     print(f"设备 {device}，{torch.get_num_threads()} 个线程，提示词 {P} 个 token，生成 {n} 个 token（不在 EOS 停下，保证长度一致）。")
-    print("提示：只生成一次最长的 n 个 token，并记录每一步的耗时；生成前 64 个 token 的耗时，就是前 64 步之和。")
+    L = min(args.lengths or [n])
+    print(f"提示：只生成一次最长的 {n} 个 token，并记录每一步的耗时；生成前 {L} 个 token 的耗时，就是前 {L} 步之和。")
+    warm_up(lm, prompt_ids)
     tok_c, t_c = greedy_timed(lm, prompt_ids, n, True, "有缓存")
     tok_n, t_n = greedy_timed(lm, prompt_ids, n, False, "无缓存")
     first_diff = check_same_tokens(tok_c, tok_n, args.dtype)
@@ -401,14 +418,15 @@ def check_kv_formula(formula: int, measured: float) -> None:
 
 def published_table() -> list[dict]:
     print("\n知名模型（公开配置值，来自各自发布的 config.json），fp16（2 字节），单条序列：")
-    print(f"{'模型':<22} | 层数 | 头数 | KV头 | 每头维度 | 每 token | 4k 上下文 | 32k 上下文")
     rows = []
     for name, layers, heads, kvh, hd in PUBLISHED_CONFIGS:
         b = kv_bytes_per_token(layers, kvh, hd, 2)
         rows.append({"model": name, "layers": layers, "heads": heads, "kv_heads": kvh, "head_dim": hd,
                      "bytes_per_token_fp16": b, "gib_4k": b * 4096 / 2**30, "gib_32k": b * 32768 / 2**30})
-        print(f"{name:<22} | {layers:>4} | {heads:>4} | {kvh:>4} | {hd:>8} | {b / 1024:6.0f} KiB |"
-              f" {rows[-1]['gib_4k']:6.2f} GiB | {rows[-1]['gib_32k']:6.2f} GiB")
+    print(table([["模型", "层数", "头数", "KV头", "每头维度", "每 token", "4k 上下文", "32k 上下文"]]
+                + [[r["model"], r["layers"], r["heads"], r["kv_heads"], r["head_dim"],
+                    f"{r['bytes_per_token_fp16'] / 1024:.0f} KiB", f"{r['gib_4k']:.2f} GiB", f"{r['gib_32k']:.2f} GiB"]
+                   for r in rows], sep=" | "))
     mha, gqa = rows[0], rows[1]
     print(f"解读：用一份 KV 缓存（内存）换掉 O(n²) 的重复计算（时间）。同时服务 32 个 32k 长的请求时，{mha['model']} 光 KV 缓存"
           f"就要 {32 * mha['gib_32k']:.0f} GiB，\n      同样层数和头数、只有 {gqa['kv_heads']} 个 KV 头的 {gqa['model']} 只要 "
@@ -483,7 +501,9 @@ def main(argv=None) -> None:
         results["memory"] = part_memory(args, device)
     results["timing_warnings"] = notes
     results["seconds_total"] = time.perf_counter() - t0
-    path = save_results(args.out_dir, results, merge=True)   # merge：只重跑某一部分时，别的部分的结果保留
+    # merge：只重跑某一部分时，别的部分的结果保留；每一部分记下产生它的参数（run_args）
+    path = save_results(args.out_dir, results, merge=True, run_args=args,
+                        files=[results["real"]["plot"]] if "real" in results else ())
     load_text = f"{load:.1f}" if load is not None else "未知"
     print(f"\n结果已保存：{path}（用时 {results['seconds_total']:.0f} 秒；开始时 1 分钟平均负载 {load_text}）")
 

@@ -30,11 +30,13 @@ import re
 import sys
 import time
 from pathlib import Path
+from textwrap import indent
 
 import numpy as np
 
 from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_dir, existing_file, non_negative_int,
                         positive_int, setup_run)
+from common.display import table as display_table
 from common.errors import require, run_cli
 from common.outputs import REPO_ROOT, save_results
 from common.retrieval import (BM25, DATA_DIR, MIN_COSINE, RETRIEVERS, KnowledgeBase, chunk_all, cosine,
@@ -163,10 +165,10 @@ def check_recall_monotone(table: dict) -> None:
 def print_table(table: dict, title: str, chosen: str) -> None:
     cols = list(next(iter(table.values())).keys())
     print(f"\n{title}")
-    print(f"  {'检索器':<8}" + "".join(f"{c:>11}" for c in cols))
-    for m, row in table.items():
-        mark = "   ← --retriever（第 4、6、7 步用它）" if m == chosen else ""
-        print(f"  {m:<11}" + "".join(f"{row[c]:>11.3f}" for c in cols) + mark)
+    rows = [["检索器", *cols]] + [[m, *(f"{row[c]:.3f}" for c in cols),
+                                   "← --retriever（第 4、6、7 步用它）" if m == chosen else ""]
+                                  for m, row in table.items()]
+    print(indent(display_table(rows, align="<" + ">" * len(cols) + "<", sep="   "), "  "))
 
 
 def retrieval_findings(table: dict, lang: str, embedder: str) -> dict:
@@ -201,9 +203,9 @@ def chunk_size_sweep(docs, enc, client, questions: list[dict]) -> dict:
         table = evaluate(KnowledgeBase(docs, ch, BM25([c.text for c in ch]), vecs, client), questions)
         sweep[f"{size}/{ov}"] = {"n_chunks": len(ch), **{m: r["recall@3"] for m, r in table.items()}}
     print("\n块大小对比（recall@3）：")
-    print(f"  {'块/重叠':<10}{'块数':>6}{'bm25':>8}{'dense':>8}{'hybrid':>8}")
-    for k, row in sweep.items():
-        print(f"  {k:<10}{row['n_chunks']:>6}{row['bm25']:>8.3f}{row['dense']:>8.3f}{row['hybrid']:>8.3f}")
+    rows = [["块/重叠", "块数", "bm25", "dense", "hybrid"]] + [
+        [k, row["n_chunks"], f"{row['bm25']:.3f}", f"{row['dense']:.3f}", f"{row['hybrid']:.3f}"] for k, row in sweep.items()]
+    print(indent(display_table(rows, sep="   "), "  "))
     return sweep
 
 
@@ -224,8 +226,18 @@ def plot_retrieval(table: dict, n_questions: int, chunk_size: int, out_dir: Path
     return save_figure(fig, out_dir / "retrieval.png")
 
 
+NO_EVAL_NOTE = """
+== 第 5 步：评测检索——跳过（第 5、7 步需要问题集，你的 --docs 没有配 --eval）==
+  问题集是一个 JSONL 文件，每行一道题：问题、能回答它的文件名、回答里应出现的关键事实（可选：等价说法），例如：
+    {"question": "How many sick days do I get?", "source": "leave.md", "answer": "10 days", "accept": ["ten days"]}
+  写 10～40 道（换个说法提问，别从文档里抄句子），存成 my_questions.jsonl，再加 --eval my_questions.jsonl 运行：
+  第 5 步给出三种检索器的 recall@k / MRR 和 retrieval.png，第 7 步检查生成的回答里有没有关键事实。
+  格式和自带的 data/rag/questions_en.jsonl 一样，详见 docs/03_hands_on_rag.md。下面直接到第 6 步。"""
+
+
 def evaluate_retrieval(args, kb: KnowledgeBase, enc, client, eval_path: Path | None, results: dict) -> list[dict]:
     if eval_path is None:
+        print(NO_EVAL_NOTE)
         return []
     questions = load_questions(eval_path)
     print(f"\n== 第 5 步：评测检索（{eval_path.name}，{len(questions)} 道题，看标准来源文件是否在前 k 块里）==")
@@ -242,7 +254,8 @@ def evaluate_retrieval(args, kb: KnowledgeBase, enc, client, eval_path: Path | N
     results.update(retrieval=table, findings=findings, n_questions=len(questions))
     if not args.quick:
         results["chunk_size_sweep_recall@3"] = chunk_size_sweep(kb.docs, enc, client, questions)
-    print(f"  图：{plot_retrieval(table, len(questions), args.chunk_size, args.out_dir)}")
+    results["plot"] = str(plot_retrieval(table, len(questions), args.chunk_size, args.out_dir))
+    print(f"  图：{results['plot']}")
     return questions
 
 
@@ -438,7 +451,9 @@ def main(argv=None) -> int:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return 0
     results["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    path = save_results(args.out_dir, results)
+    # 一个文件夹 = 一次运行：这次没有画 retrieval.png（没有问题集）时，删掉上次留下的那张
+    path = save_results(args.out_dir, results, files=[results["plot"]] if "plot" in results else (),
+                        may_write=["retrieval.png"])
     print(f"\n结果已保存：{path}（总用时 {results['total_seconds']:.1f} 秒）")
     return 0
 

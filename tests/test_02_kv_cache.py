@@ -208,6 +208,27 @@ def test_quick_run_results_and_clean_output(quick_run):
     assert {m["model"] for m in mem["published_models_fp16"]} >= {"Llama-2-7B (MHA)", "Llama-3-8B (GQA)"}
     # the profiler's kineto lines and tracebacks stay out of the lesson's output
     assert "USDT" not in r.stderr and "profiler_start" not in r.stderr and "Traceback" not in r.stderr
+    # the hint names the lengths this run generated (24 tokens, first length 8), not the full run's 64
+    assert "只生成一次最长的 24 个 token" in r.stdout and "生成前 8 个 token 的耗时，就是前 8 步之和" in r.stdout
+    assert "64 个 token" not in r.stdout
+    assert res["real"]["run_args"]["max_new_tokens"] == 24 and res["files"] == ["time_per_token_fp32.png"]
+
+
+def test_tables_line_up_by_display_width():
+    from common.display import width
+    rows = [{"n": 16, "no_cache_s": 0.01, "cached_s": 0.001, "speedup": 10.0, "mac_ratio": 8.5, "gmacs_no_cache": 1.5,
+             "gmacs_cached": 0.5}, {"n": 128, "no_cache_s": 1.2345, "cached_s": 0.01, "speedup": 123.4,
+                                    "mac_ratio": 64.5, "gmacs_no_cache": 12.25, "gmacs_cached": 3.5}]
+    lines = lesson.toy_table(rows).splitlines()
+    bars = [[width(line[:i]) for i, c in enumerate(line) if c == "|"] for line in lines]
+    assert len(lines) == 3 and all(b == bars[0] for b in bars), lesson.toy_table(rows)
+
+
+def test_warm_up_runs_both_paths_before_timing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lesson, "greedy_timed", lambda lm, ids, n, use_cache, desc: calls.append((n, use_cache)))
+    lesson.warm_up(object(), [1, 2, 3])
+    assert calls == [(2, True), (2, False)]
 
 
 @pytest.mark.slow

@@ -292,6 +292,23 @@ def test_question_matching_nothing(small_docs, tmp_path, monkeypatch, capsys):
     assert out["hits"] == [] and "找不到" in out["message"]
 
 
+def test_own_docs_without_a_question_set(small_docs, tmp_path, monkeypatch, capsys):
+    """--docs and no --eval: step 5 says why it is skipped and how to write a question set, and the
+    retrieval.png of an earlier run (with a question set) does not stay beside these results."""
+    monkeypatch.setenv("LLM_COURSE_OUTPUTS", str(tmp_path / "outputs"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "retrieval.png").write_bytes(b"an earlier run's plot")
+    assert rag.main(["--docs", str(small_docs), "--question", "When is lunch served?", "--backend", "local",
+                     "--max-new-tokens", "4", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "第 4 步" in text and "第 5 步：评测检索——跳过" in text and "第 6 步" in text
+    assert "--eval" in text and '"question"' in text and '"source"' in text and '"answer"' in text
+    assert not (out / "retrieval.png").exists()
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert "retrieval" not in res and "files" not in res
+
+
 def test_empty_or_blank_folder_is_a_user_error(tmp_path):
     # the lesson turns a UserError into one Chinese line + exit 2 (common/errors.run_cli; see the non-UTF-8 test)
     (tmp_path / "empty").mkdir()
@@ -343,6 +360,7 @@ def test_quick_run_end_to_end(lesson_runs):
     for row in ev["rows"]:  # the recorded phrasing really occurs in the answer, per the matcher
         assert row["key_fact"] == (rag.match_fact(row["answer"], [row["gold"], *row["accept"]], "en") is not None)
     assert (r.out_root / "03_hands_on_rag" / "retrieval.png").is_file()
+    assert r.results("03_hands_on_rag")["files"] == ["retrieval.png"]
     assert res["hits"] and res["demo"]["sources"] == [h["id"] for h in res["hits"]]
 
 
