@@ -195,9 +195,13 @@ def plot_loads(res: dict, path: Path) -> Path:
             ax = axes[i][l]
             h = torch.tensor(res[name]["load"]["history"][l])          # [E, time bins]
             E = h.shape[0]
-            im = ax.imshow(h * E, aspect="auto", cmap="viridis", vmin=0, vmax=3, interpolation="nearest")
-            ax.set(xlabel="training progress (bins)", ylabel="expert", title=f"{name}, layer {l + 1}")
-    fig.colorbar(im, ax=axes, label="load / uniform load (1 = balanced)", shrink=0.8)
+            im = ax.imshow(h * E, aspect="auto", cmap="viridis", vmin=0, vmax=3, interpolation="nearest",
+                           extent=(0, 100, E - 0.5, -0.5))
+            ax.set_title(f"{name}: {LABELS_EN[name].split(', ')[-1]}, layer {l + 1}", fontsize=9)
+            ax.set_xlabel("training progress (%)" if i == len(names) - 1 else "")
+            ax.set_ylabel("expert" if l == 0 else "")
+    fig.subplots_adjust(hspace=0.45, wspace=0.25, right=0.86)
+    fig.colorbar(im, ax=axes, label="expert load / uniform load (1 = balanced)", shrink=0.8)
     return _save_plain(fig, path)
 
 
