@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from test_06_serve import KEY, MODEL, assert_error_shape, auth, gauges, make_server, request, serve
+from test_06_serve import (JWT_SECRET, KEY, MODEL, PASSWORD, USER, assert_error_shape, auth, gauges, make_server,
+                           request, serve)
 
 OTHER_KEY = "test-key-other-5b2e90d4"
 HI = [{"role": "user", "content": "Hi"}]
@@ -25,7 +26,9 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def running(local_fp32, tmp_path_factory):
     db = tmp_path_factory.mktemp("attacks") / "sessions.sqlite3"
-    srv = make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30), max_body=MAX_BODY)
+    # a high failed-attempt limit: this module's 401 tests all come from 127.0.0.1 (test 5 uses its own servers)
+    keys = serve.Auth([KEY, OTHER_KEY], {USER: PASSWORD}, JWT_SECRET, 30, failed_limit=1000)
+    srv = make_server(local_fp32, db, auth=keys, max_body=MAX_BODY)
     with serve.Running(srv) as run:
         yield run
 
@@ -189,6 +192,16 @@ def test_bad_content_parts_are_400_naming_the_part(running, part, code, param):
         assert "image_url" in body["error"]["message"]
     ok = chat(running, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
     assert ok[0] == 200
+
+
+@pytest.mark.parametrize("claims", [{"iat": 0}, {"sub": USER}, {"exp": 4102444800}])
+def test_signed_jwt_without_sub_or_exp_is_json_401(running, claims):
+    import jwt
+
+    status, headers, body = request(running, "GET", "/v1/models",
+                                    headers=auth(jwt.encode(claims, JWT_SECRET, algorithm="HS256")))
+    assert status == 401 and headers["content-type"].startswith("application/json")
+    assert body["error"]["code"] == "invalid_api_key"
 
 
 def test_an_unexpected_exception_in_a_route_is_json_500(running, monkeypatch):
