@@ -25,321 +25,27 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from common.cli import (add_knob, course_parser, existing_file, int_list, non_negative_float, positive_int, probability,
                         setup_run)
 from common.client import client_from_args
-from common.errors import UserError, read_json, require, run_cli
+from common.errors import read_json, require, run_cli
+from common.json_schema import Grammar, JsonMask, MaskProcessor, Vocab, validate  # noqa: F401  (测试从本课取这几个名字)
 from common.outputs import REPO_ROOT, save_results
 
 NAME = "07_structured_output"
 DATA = REPO_ROOT / "data" / "structured"
-SUPPORTED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-             "enum", "title", "description", "$schema"}
-TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
-ESCAPES = set(b'"\\bfnrt')           # 允许的转义字母（与 llguidance 一致：不含 \u 和 \/）
-STR, ESC = ("S",), ("E",)            # 字符串内部 / 刚读到反斜杠
-NUM = {  # JSON 数字的小状态机：状态 -> {字符类别: 下一状态}；带 * 的状态可以在这里结束
-    "start": {"-": "minus", "0": "zero", "d": "int"}, "minus": {"0": "zero", "d": "int"},
-    "zero*": {".": "dot", "e": "exp"}, "int*": {"0": "int", "d": "int", ".": "dot", "e": "exp"},
-    "dot": {"0": "frac", "d": "frac"}, "frac*": {"0": "frac", "d": "frac", "e": "exp"},
-    "exp": {"+": "sign", "-": "sign", "0": "expd", "d": "expd"}, "sign": {"0": "expd", "d": "expd"},
-    "expd*": {"0": "expd", "d": "expd"}}
-NUM = {k.rstrip("*"): ({c: (n + "*" if n + "*" in NUM else n) for c, n in v.items()}, k.endswith("*"))
-       for k, v in NUM.items()}
 
-
-# ============================================================== 1. schema -> 逐字节状态机
-class Grammar:
-    """把 JSON Schema 子集编译成"栈式"状态机。状态 = 一串帧（元组，栈顶在最后），例如
-    ("L", b'","urgent":') 表示"接下来必须逐字出现这些字节"，("V", 3) 表示"这里要开始第 3 号
-    schema 节点的一个值"。对象在开始时就展开成 字面量/值/字面量/... 的帧序列，所以输出是
-    紧凑 JSON（无空格），属性按 schema 里的顺序出现。schema 不递归，所以状态有限、可以缓存。"""
-
-    def __init__(self, schema: dict):
-        self.nodes: list[dict] = []               # 节点：{"first": {首字节: 要压栈的帧}, "options": ...}
-        self.start = (("V", self._compile(schema, "$")),)
-
-    def _compile(self, s, path: str) -> int:
-        if not isinstance(s, dict):
-            raise UserError(f"schema 的 {path} 应该是一个对象（{{...}}），收到 {type(s).__name__}。")
-        for key in s:
-            if key not in SUPPORTED:
-                raise UserError(f"不支持的 JSON Schema 关键字 {key!r}（位置 {path}）：本课只实现 "
-                                f"{', '.join(sorted(SUPPORTED))}。")
-        nid, node = len(self.nodes), {"first": {}}
-        self.nodes.append(node)
-        if "enum" in s:
-            opts = [json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode() for v in s["enum"]]
-            self._add_choice(node, nid, opts, path)
-            return nid
-        types = s.get("type")
-        types = [types] if isinstance(types, str) else types
-        if not types or any(t not in TYPES for t in types):
-            raise UserError(f"{path} 的 type 必须是 {' / '.join(TYPES)} 之一（或它们的列表），收到 {types!r}。")
-        for t in types:
-            for b, frames in self._start_frames(t, s, nid, path).items():
-                if b in node["first"]:   # 例如 ["integer", "number"]：看第一个字节分不出是哪一种
-                    raise UserError(f"{path} 的类型 {types} 有歧义（都能以 {chr(b)!r} 开头），本课不支持。")
-                node["first"][b] = frames
-        return nid
-
-    def _add_choice(self, node, nid, options, path):
-        node["options"] = set(options)
-        for o in options:
-            node["first"][o[0]] = (("C", nid, b""),)
-
-    def _start_frames(self, t, s, nid, path) -> dict[int, tuple]:
-        if t == "string":
-            return {ord('"'): (STR, ("L", b'"'))}
-        if t in ("integer", "number"):
-            return {b: (("N", t == "integer", "start"),) for b in b"-0123456789"}
-        if t in ("boolean", "null"):
-            sub = {"boolean": [b"true", b"false"], "null": [b"null"]}[t]
-            return {o[0]: (("C", self._choice_node(sub), b""),) for o in sub}
-        if t == "array":
-            if "items" not in s:
-                raise UserError(f"{path} 是 array，但没有写 items（数组元素的 schema）。")
-            lo, hi = s.get("minItems", 0), s.get("maxItems")
-            item = self._compile(s["items"], path + "[]")
-            self.nodes[nid].update(item=item, lo=lo, hi=hi)
-            return {ord("["): (("A", nid, 0), ("L", b"["))}
-        props, req = s.get("properties", {}), s.get("required", [])
-        if s.get("additionalProperties", False) is not False:
-            raise UserError(f"{path}：本课只支持 additionalProperties: false（不生成额外属性）。")
-        if set(req) != set(props):
-            raise UserError(f"{path}：本课要求每个属性都写进 required（和 OpenAI 的 strict 模式一样），"
-                            f"缺少 {sorted(set(props) - set(req))}，多出 {sorted(set(req) - set(props))}。")
-        seq, sep = [], b"{"
-        for k, sub in props.items():       # {"k1":V1,"k2":V2}
-            seq += [("L", sep + json.dumps(k, ensure_ascii=False).encode() + b":"), ("V", self._compile(sub, f"{path}.{k}"))]
-            sep = b","
-        seq.append(("L", b"}" if props else b"{}"))
-        return {ord("{"): tuple(reversed(seq))}
-
-    def _choice_node(self, options) -> int:
-        self.nodes.append({"first": {}})
-        self._add_choice(self.nodes[-1], len(self.nodes) - 1, options, "")
-        return len(self.nodes) - 1
-
-    # ---------------------------------------------------------- 读一个字节
-    def step(self, state: tuple, b: int):
-        """读入字节 b 后的新状态；None = 这个字节会让文档非法。"""
-        while state:
-            r = self._frame(state[-1], b)
-            if r is None or r == "context":
-                return r
-            consumed, repl = r
-            state = state[:-1] + repl
-            if consumed:
-                return state
-        return None                       # 文档已经完整：后面不能再有任何字节
-
-    def _frame(self, f, b):
-        """一帧如何处理字节 b：(是否吃掉了它, 替换这一帧的新帧) 或 None。没吃掉 = 这一帧已结束，交给下面的帧。"""
-        k = f[0]
-        if k == "L":
-            return (True, (("L", f[1][1:]),) if len(f[1]) > 1 else ()) if b == f[1][0] else None
-        if k == "S":                      # 字符串内部：引号结束，反斜杠转义，控制字符非法，多字节 UTF-8 逐字节检查
-            if b == 0x22:
-                return True, ()
-            if b == 0x5C:
-                return True, (ESC,)
-            if 0x20 <= b < 0x7F:
-                return True, (f,)
-            lead = utf8_lead(b)
-            return (True, (lead,)) if lead else None
-        if k == "E":
-            return (True, (STR,)) if b in ESCAPES else None
-        if k == "U":                      # 还差 n 个 UTF-8 续字节，这一个必须在 [lo, hi]
-            _, n, lo, hi = f
-            return (True, (("U", n - 1, 0x80, 0xBF),) if n > 1 else (STR,)) if lo <= b <= hi else None
-        if k == "N":
-            table, accepting = NUM[f[2].rstrip("*")]
-            c = chr(b) if chr(b) in "-+.0" else "d" if 0x31 <= b <= 0x39 else "e" if b in b"eE" else None
-            nxt = table.get(c)
-            if nxt is not None and not (f[1] and c in (".", "e")):
-                return True, (("N", f[1], nxt),)
-            return (False, ()) if accepting else None
-        if k == "C":                      # 在若干个候选字面量（enum/true/false/null）里逐字节匹配
-            opts, m = self.nodes[f[1]]["options"], f[2] + bytes([b])
-            if any(o.startswith(m) for o in opts):
-                longer = any(len(o) > len(m) and o.startswith(m) for o in opts)
-                return True, (("C", f[1], m),) if longer else ()
-            return (False, ()) if f[2] in opts else None
-        if k == "A":                      # 数组：count = 已开始的元素数
-            node, count = self.nodes[f[1]], f[2]
-            if b == ord("]") and count >= node["lo"]:
-                return True, ()
-            more = node["hi"] is None or count < node["hi"]
-            cap = node["hi"] if node["hi"] is not None else max(node["lo"], 1)   # 计数封顶，状态才有限
-            if count == 0 and more:
-                return False, (("A", f[1], 1), ("V", node["item"]))
-            if count > 0 and b == ord(",") and more:
-                return True, (("A", f[1], min(count + 1, cap)), ("V", node["item"]))
-            return None
-        if k == "V":                      # 一个值的开头：看第一个字节决定是哪种类型，展开成它的帧
-            frames = self.nodes[f[1]]["first"].get(b)
-            return (False, frames) if frames else None
-        return "context"                  # "X"：预计算时垫在最底下的哨兵帧，见 Vocab.string_split
-
-    def done(self, state: tuple) -> bool:
-        """文档已完整（可以结束）：栈空，或只剩"可以在这里结束"的数字/候选帧。"""
-        return all((f[0] == "N" and NUM[f[2].rstrip("*")][1]) or (f[0] == "C" and f[2] in self.nodes[f[1]]["options"])
-                   for f in state)
-
-
-def utf8_lead(b: int):
-    """UTF-8 首字节 -> 续字节帧（严格 UTF-8：排除过长编码和代理区，和 llguidance 的正则一致）。"""
-    if 0xC2 <= b <= 0xDF:
-        return ("U", 1, 0x80, 0xBF)
-    if 0xE0 <= b <= 0xEF:
-        return ("U", 2, 0xA0 if b == 0xE0 else 0x80, 0x9F if b == 0xED else 0xBF)
-    if 0xF0 <= b <= 0xF4:
-        return ("U", 3, 0x90 if b == 0xF0 else 0x80, 0x8F if b == 0xF4 else 0xBF)
-    return None
-
-
-# ============================================================== 2. 词表字节前缀树 + 掩码
-class Vocab:
-    """词表里 49152 个 token 的字节前缀树（trie）。技巧一：一边沿树往下走一边推进状态机，
-    某个字节让状态机死掉，整棵子树（所有以这串字节开头的 token）一次剪掉，不用逐个 token 检查。"""
-
-    def __init__(self, tokenizer):
-        self.n, self.eos = tokenizer.n_vocab, tokenizer.im_end
-        special = set(tokenizer.special_tokens.values())
-        self.children: list[dict[int, int]] = [{}]
-        self.token_at: list[int] = [-1]
-        for t in range(self.n):
-            if t in special:
-                continue                  # 特殊 token 永远不许出现在 JSON 里（结束符另外处理）
-            node = 0
-            for b in tokenizer.token_bytes(t):
-                nxt = self.children[node].get(b)
-                if nxt is None:
-                    nxt = len(self.children)
-                    self.children[node][b] = nxt
-                    self.children.append({})
-                    self.token_at.append(-1)
-                node = nxt
-            self.token_at[node] = t
-        self._split: dict[tuple, tuple] = {}
-
-    def string_split(self, grammar: Grammar, top: tuple):
-        """技巧二：字符串内部几乎所有 token 都合法，逐个走太慢。把栈顶的字符串帧单独拿出来，
-        下面垫一个哨兵帧 X，走一遍整棵树：没碰到哨兵就走完的 token 与栈的其余部分无关（永远合法），
-        碰到哨兵的（含引号，要离开字符串的）才需要结合具体状态再判断。字符串帧只有十来种，算一次终身复用。"""
-        if top not in self._split:
-            free, ctx, todo = [], [], [(0, (("X",), top))]
-            while todo:
-                node, st = todo.pop()
-                for b, child in self.children[node].items():
-                    nst = grammar.step(st, b)
-                    if nst is None:
-                        continue
-                    if nst == "context":
-                        ctx += self.tokens_below(child)
-                        continue
-                    if self.token_at[child] >= 0:
-                        free.append(self.token_at[child])
-                    todo.append((child, nst))
-            mask = torch.zeros(self.n, dtype=torch.bool)
-            mask[free] = True
-            self._split[top] = (mask, ctx)
-        return self._split[top]
-
-    def tokens_below(self, node: int) -> list[int]:
-        out, todo = [], [node]
-        while todo:
-            n = todo.pop()
-            out += [self.token_at[n]] if self.token_at[n] >= 0 else []
-            todo += self.children[n].values()
-        return out
-
-
-class JsonMask:
-    """一个 schema 的掩码：状态编号、状态转移缓存、每个状态的"允许 token"缓存。
-    技巧三：同一个状态第二次出现时，掩码直接从缓存取——每步只剩一次查表和一次 masked_fill。"""
-
-    def __init__(self, grammar: Grammar, vocab: Vocab, tokenizer):
-        self.g, self.vocab, self.tok = grammar, vocab, tokenizer
-        self.states, self.ids = [], {}
-        self.trans: dict[tuple[int, int], int] = {}
-        self.masks: dict[int, torch.Tensor] = {}
-        self.blocked: dict[int, torch.Tensor] = {}
-        self.start = self._id(grammar.start)
-
-    def _id(self, state) -> int:
-        if state not in self.ids:
-            self.ids[state] = len(self.states)
-            self.states.append(state)
-        return self.ids[state]
-
-    def next(self, sid: int, b: int) -> int:
-        key = (sid, b)
-        if key not in self.trans:
-            nst = self.g.step(self.states[sid], b)
-            self.trans[key] = -1 if nst is None else self._id(nst)
-        return self.trans[key]
-
-    def advance(self, sid: int, token: int) -> int:
-        for b in self.tok.token_bytes(token):
-            sid = self.next(sid, b) if sid >= 0 else -1
-        return sid
-
-    def allowed(self, sid: int) -> torch.Tensor:
-        """布尔向量 [vocab]：在状态 sid 下哪些 token 能让文档继续合法。"""
-        if sid in self.masks:
-            return self.masks[sid]
-        state = self.states[sid]
-        if state and state[-1][0] in "SUE":              # 在字符串里：用预计算的"无关 token"集合
-            free, ctx = self.vocab.string_split(self.g, state[-1])
-            mask = free.clone()
-            mask[[t for t in ctx if self.advance(sid, t) >= 0]] = True
-        else:                                             # 其他状态：沿前缀树走，死掉就剪枝
-            ok, todo = [], [(0, sid)]
-            while todo:
-                node, s = todo.pop()
-                for b, child in self.vocab.children[node].items():
-                    ns = self.next(s, b)
-                    if ns >= 0:
-                        if self.vocab.token_at[child] >= 0:
-                            ok.append(self.vocab.token_at[child])
-                        todo.append((child, ns))
-            mask = torch.zeros(self.vocab.n, dtype=torch.bool)
-            mask[ok] = True
-        mask[self.vocab.eos] = self.g.done(state)          # 文档完整后：只剩结束符可选
-        self.masks[sid] = mask
-        self.blocked[sid] = ~mask                         # 每步直接用"被禁止"的那份，省一次取反
-        return mask
-
-    def processor(self):
-        return MaskProcessor(self)
-
-
-class MaskProcessor:
-    """接到 common/generate.generate 的 logits_processor 上：跟踪已生成的 token，屏蔽非法 token。"""
-
-    def __init__(self, mask: JsonMask):
-        self.m, self.sid, self.seen, self.seconds = mask, mask.start, 0, []
-
-    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        for t in generated[self.seen:]:
-            self.sid = self.m.advance(self.sid, t)
-        self.seen = len(generated)
-        if self.sid < 0:
-            raise RuntimeError("constrained decoding reached an invalid state")
-        if self.sid not in self.m.blocked:
-            self.m.allowed(self.sid)
-        out = logits.masked_fill(self.m.blocked[self.sid], float("-inf"))
-        self.seconds.append(time.perf_counter() - t0)
-        return out
-
-    @property
-    def complete(self) -> bool:
-        return self.sid >= 0 and self.m.g.done(self.m.states[self.sid])
+# ============================================================== 1+2. schema -> 逐字节语法 -> token 掩码（在 common/json_schema.py）
+# 约束解码的全部机器放在 common/json_schema.py（正则部分在 common/regex_automaton.py），服务端也能直接用；
+# 本课只调用它，讲义 docs/07_structured_output.md 第 2 节带着例子逐段讲。读代码的顺序：
+#   1. 读 schema：title/description/$id/default 等注释忽略；$ref 展开；allOf 合并；不支持的关键字报一行中文。
+#   2. 编译成节点：联合（anyOf/oneOf/type 列表）、字符串（长度、pattern、format）、数字（范围）、候选字面量
+#      （enum/const，先用 jsonschema 对整个 schema 过滤）、数组、对象（可选属性、额外属性）。
+#   3. 逐字节状态机：状态 = 一组"栈"（frozenset）。anyOf 的两个对象、可选属性这类"看第一个字节分不出走哪条路"
+#      的地方，几条路同时往前走，死掉的丢掉；$ref 递归时栈最多 MAX_STACK 帧，更深的展开剪掉。
+#   4. Vocab（词表字节前缀树）+ JsonMask（= TokenMask）：前缀树剪枝、字符串内部快速通道、按状态缓存。
+#   5. MaskProcessor：接到生成循环上；complete = 语法到了可接受状态 *且* 模型自己选了结束符。
+#   6. validate：生成之后再用 jsonschema（带 format 检查）核实一遍。
 
 
 # ============================================================== 3. 抽取任务：只靠提示词 vs 约束解码
@@ -396,12 +102,18 @@ def score(obj, expected: dict, validator) -> dict:
 
 
 def generate_local(lm, prompt_ids, max_new, args, processor=None) -> tuple[str, list[float]]:
-    """common/generate.py 的那一个生成循环；只靠提示词时，第一个完整的 {...} 一出现就停（像停止词）。"""
+    """common/generate.py 的那一个生成循环；只靠提示词时，第一个完整的 {...} 一出现就停（像停止词）。
+    有掩码时，每一步也告诉 processor"这一步是不是结束符"：只有模型自己停下，输出才算写完。"""
     steps: list[float] = []
     toks, depth = [], 0
+
+    def on_step(s):
+        if s.index > 0:
+            steps.append(s.seconds)
+        if processor is not None:
+            processor.on_step(s)
     for t in lm.generate(prompt_ids, max_new, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         on_step=lambda s: steps.append(s.seconds) if s.index > 0 else None,
-                         logits_processor=processor):
+                         on_step=on_step, logits_processor=processor):
         toks.append(t)
         piece = lm.tokenizer.token_bytes(t)
         depth += piece.count(b"{") - piece.count(b"}")
@@ -650,7 +362,8 @@ def build_vocab(tokenizer) -> Vocab:
 
 
 def one_schema(args, client) -> dict:
-    """--schema/--prompt：为用户的 schema 生成一个回答（不支持的关键字会在编译时报出中文错误）。"""
+    """--schema/--prompt：为用户的 schema 生成一个回答（不支持的关键字会在编译时报出中文错误），
+    写完后再用 jsonschema 校验一遍并报告。"""
     schema = read_json(args.schema, "schema 文件", "请检查 --schema。")
     grammar = Grammar(schema)
     messages = [{"role": "user", "content": args.prompt + "\nAnswer with JSON."}]
@@ -662,9 +375,19 @@ def one_schema(args, client) -> dict:
         text, _ = generate_local(lm, lm.tokenizer.apply_chat_template(messages), args.max_new_tokens, args, proc)
         complete = proc.complete
     print(text)
+    errors = None
     if not complete:
         print(f"（{args.max_new_tokens} 个 token 内没有写完：加大 --max-new-tokens）")
-    return {"schema": str(args.schema), "output": text, "complete": complete}
+    else:
+        try:
+            errors = validate(schema, json.loads(text))
+        except ValueError:
+            errors = ["不是合法的 JSON"]
+        print("jsonschema 校验：" + ("通过" if not errors else "不通过——" + "；".join(errors[:3])))
+        for note in grammar.notes:
+            print(f"  （{note}）")
+    return {"schema": str(args.schema), "output": text, "complete": complete,
+            "schema_valid": None if errors is None else not errors, "validation_errors": errors or []}
 
 
 def chat_api(client):

@@ -268,8 +268,6 @@ class Grammar:
         here = self.validator.evolve(schema={k: v for k, v in s.items() if k not in ("enum", "const")})
         keep = [v for v in values if here.is_valid(v) and ("enum" not in s or v in s["enum"])
                 and ("const" not in s or v == s["const"])]
-        keep += [float(v) if isinstance(v, int) else int(v) for v in keep      # 1 和 1.0 在 JSON Schema 里相等
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and abs(v) < 2 ** 53]
         opts = {json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode() for v in keep}
         return self.add({"kind": "choice", "options": opts})
 

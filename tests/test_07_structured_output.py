@@ -20,6 +20,7 @@ import json
 import bisect
 import random
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ def test_random_constrained_walks_validate_with_jsonschema(name, tok, vocab):
             logits = proc(out, torch.randn(tok.n_vocab, generator=g) * 2 + 6 * closing)
             t = int(torch.argmax(logits))
             if t == tok.im_end:
+                proc.on_step(types.SimpleNamespace(index=len(out), stop=True))   # what the generation loop reports
                 break
             out.append(t)
         if proc.complete:
@@ -180,9 +182,9 @@ def test_random_constrained_walks_validate_with_jsonschema(name, tok, vocab):
     assert finished >= 5
 
 
-@pytest.mark.parametrize("schema,keyword", [({"type": "string", "pattern": "a+"}, "pattern"),
-                                            ({"oneOf": [{"type": "string"}]}, "oneOf"),
-                                            ({"type": "object", "properties": {"a": {"type": "string", "format": "date"}},
+@pytest.mark.parametrize("schema,keyword", [({"type": "string", "pattern": "(?=a)a+"}, "pattern"),
+                                            ({"not": {"type": "string"}}, "not"),
+                                            ({"type": "object", "properties": {"a": {"type": "string", "format": "hostname"}},
                                               "required": ["a"]}, "format")])
 def test_unsupported_keyword_gives_chinese_error_naming_it(schema, keyword):
     from common.errors import UserError
@@ -194,10 +196,57 @@ def test_unsupported_keyword_gives_chinese_error_naming_it(schema, keyword):
 
 def test_unsupported_keyword_from_the_command_line(tmp_path, run_script):
     f = tmp_path / "s.json"
-    f.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "string", "minLength": 2}}, "required": ["x"]}))
+    f.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "number", "multipleOf": 2}}, "required": ["x"]}))
     r = run_script("07_structured_output.py", "--schema", str(f), "--prompt", "hi")   # in-process (tests/conftest.py)
     err = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(err) == 1 and "minLength" in err[0] and CJK.search(err[0]), r.stderr
+    assert r.returncode == 2 and len(err) == 1 and "multipleOf" in err[0] and "$.x" in err[0] and CJK.search(err[0]), r.stderr
+
+
+def test_enum_next_to_type_is_filtered_by_the_type():
+    """The issue's other defect: the enum was compiled and the sibling `type` ignored, so null got through."""
+    g = L.Grammar({"type": "string", "enum": ["1", "2-two", "3 three", None]})
+
+    def accepts(text):
+        state = g.start
+        for b in text.encode():
+            state = g.step(state, b)
+            if state is None:
+                return False
+        return g.done(state)
+    assert not accepts("null") and accepts('"1"') and accepts('"3 three"')
+
+
+class DigitsLM:
+    """A stand-in model for generate_local: always prefers the token "1"; stops (end of turn) after `stop_after`."""
+
+    def __init__(self, tok, stop_after=None):
+        self.tokenizer, self.stop_after = tok, stop_after
+
+    def generate(self, prompt_ids, max_new, temperature, top_p, seed, on_step, logits_processor):
+        one, out = self.tokenizer.encode("1")[0], []
+        for i in range(max_new):
+            logits = torch.zeros(self.tokenizer.n_vocab)
+            logits[one] = 1.0
+            if self.stop_after is not None and i == self.stop_after:
+                logits[self.tokenizer.im_end] = 2.0
+            t = int(torch.argmax(logits_processor(out, logits)))
+            on_step(types.SimpleNamespace(index=i, seconds=0.0, stop=t == self.tokenizer.im_end))
+            if t == self.tokenizer.im_end:
+                return
+            out.append(t)
+            yield t
+
+
+def test_number_cut_off_by_the_token_budget_is_not_complete(tok, vocab):
+    """The issue's defect: {"type": "number"} with a 64-token budget printed 64 digits as complete."""
+    args = types.SimpleNamespace(temperature=0.0, top_p=1.0, seed=0)
+    mask = L.JsonMask(L.Grammar({"type": "number"}), vocab, tok)
+    proc = mask.processor()
+    text, _ = L.generate_local(DigitsLM(tok), [], 64, args, proc)
+    assert text == "1" * 64 and mask.done(proc.sid) and not proc.complete
+    proc = mask.processor()
+    text, _ = L.generate_local(DigitsLM(tok, stop_after=5), [], 64, args, proc)
+    assert text == "1" * 5 and proc.complete
 
 
 def test_calculator_is_safe_arithmetic():

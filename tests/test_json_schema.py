@@ -31,8 +31,14 @@ VALID_BUT_REJECTED = {
     # key order: properties are written in the order the schema (after merging allOf) declares them
     ("allOf", "allOf", "allOf"), ("allOf", "allOf with base schema", "valid"),
     ("const", "const with object", "same object with different property order is valid"),
-    # numbers: an integer is written without ".0"; a const/enum number inside an array/object only as written
+    # numbers: an integer is written without ".0"; a const/enum number only as the schema writes it
+    # (1.0 for 1.0, 1 for 1 -- the same choice llguidance makes)
     ("type", "integer type matches integers", "a float with zero fractional part is an integer"),
+    ("const", "const with 0 does not match other zero-like types", "float zero is valid"),
+    ("const", "const with 1 does not match true", "float one is valid"),
+    ("const", "const with -2.0 matches integer and float types", "integer -2 is valid"),
+    ("enum", "enum with 0 does not match false", "float zero is valid"),
+    ("enum", "enum with 1 does not match true", "float one is valid"),
     ("const", "float and integers are equal up to 64-bit representation limits", "float is valid"),
     ("enum", "enum with [0] does not match [false]", "[0.0] is valid"),
     ("enum", "enum with [1] does not match [true]", "[1.0] is valid"),
