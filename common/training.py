@@ -149,16 +149,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, train_cmd: str = "python 04_tiny_gpt.py --quick", yours: bool = False) -> dict:
+    """train_cmd: the command that trains the checkpoint that is missing (the preset the user asked for).
+    yours: the user named this file (--checkpoint / --resume PATH): never tell them to delete it."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"找不到检查点 {path}；请先训练（python 04_tiny_gpt.py --quick）或用 --checkpoint 指定路径")
+        raise UserError(f"找不到检查点 {path}；请先训练（{train_cmd}）或用 --checkpoint 指定路径")
+    fix = ("请检查给的路径：它应是 04_tiny_gpt 训练时写的 ckpt_best.pt / ckpt_last.pt（本课只读这个文件，不会改动它）"
+           if yours else f"请删除它重新训练（{train_cmd} --overwrite）")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"检查点 {path} 已损坏或不是 PyTorch 文件（{type(e).__name__}）；请删除它重新训练") from None
+        raise UserError(f"检查点 {path} 已损坏或不是 PyTorch 文件（{type(e).__name__}）；{fix}") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} 不是本课（04_tiny_gpt，格式 {CKPT_FORMAT}）的检查点；请删除它重新训练或换一个路径")
+        raise UserError(f"{path} 不是本课（04_tiny_gpt，格式 {CKPT_FORMAT}）的检查点；{fix}")
     return ck
 
 
@@ -383,10 +387,15 @@ def plain_args(a) -> dict:
 
 
 def resume_command(a) -> str:
+    return f"{train_command(a)} --resume"
+
+
+def train_command(a) -> str:
+    """The command that trains this preset into this folder (what a missing checkpoint needs)."""
     from common.outputs import output_root
 
     out = f" --out-dir {a.out_dir}" if Path(a.out_dir) != output_root() / a.lesson else ""
-    return f"python {a.lesson}.py --preset {a.preset} --resume{out}"
+    return f"python {a.lesson}.py --preset {a.preset}{out}"
 
 
 def open_run(a, master: bool) -> dict | None:
@@ -396,8 +405,9 @@ def open_run(a, master: bool) -> dict | None:
         if master:
             claim_run_folder(a.run_dir, resume=False, overwrite=a.overwrite, resume_hint=resume_command(a))
         return None
-    path = a.resume if str(a.resume) not in ("", ".") else a.run_dir / "ckpt_last.pt"
-    ck = load_checkpoint(path)
+    yours = str(a.resume) not in ("", ".")
+    path = a.resume if yours else a.run_dir / "ckpt_last.pt"
+    ck = load_checkpoint(path, train_command(a), yours)
     keep = {k: getattr(a, k) for k in ["stop_after", "out_dir", "run_dir", "threads", "device", "final_eval", "lesson"]}
     for k, v in {**ck["train_args"], **keep}.items():
         setattr(a, k, v)
@@ -555,13 +565,15 @@ def sample_only(a, device, model_class, generate) -> None:
     exports model.pt2 beside the checkpoint when that is missing or stale (export_beside), so that
     `python 06_serve.py --checkpoint` works: the command lesson 06's error message suggests."""
     path = a.checkpoint or a.run_dir / "ckpt_best.pt"
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, train_command(a), yours=a.checkpoint is not None)
     tok = tokenizer_from_state(ck["tokenizer"])
     model = model_class(**ck["model_config"]).to(device)
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；请删除它重新训练") from None
+        fix = ("请检查 --checkpoint 给的路径（本课不会改动这个文件）" if a.checkpoint
+               else f"请删除它重新训练（{train_command(a)} --overwrite）")
+        raise UserError(f"检查点 {path} 的权重与模型结构不匹配（{str(e).splitlines()[0]}）；{fix}") from None
     export_beside(model, Path(path))
     ids = tok.encode(a.prompt)
     if not ids:

@@ -285,6 +285,31 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path, _cli):
         training.load_checkpoint(tmp_path / "nope.pt")
 
 
+def test_the_users_own_checkpoint_file_is_never_to_be_deleted(tmp_path, _cli):
+    """--sample-only --checkpoint FILE / --resume FILE: FILE is the user's; the message says to check the path,
+    never '请删除它'. The lesson's own ckpt in outputs/ may be deleted and retrained (with the preset's command)."""
+    mine = tmp_path / "my_notes.txt"
+    mine.write_text("my own file, not a checkpoint\n", encoding="utf-8")
+    for argv in (("--sample-only", "--checkpoint", str(mine)), ("--resume", str(mine))):
+        r = _cli(*argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "删除" not in r.stderr and "不会改动它" in r.stderr and str(mine) in r.stderr
+    assert mine.read_text(encoding="utf-8") == "my own file, not a checkpoint\n"
+    out = tmp_path / "out"
+    (out / "small").mkdir(parents=True)
+    (out / "small" / "ckpt_best.pt").write_bytes(b"garbage")
+    r = _cli("--sample-only", "--out-dir", str(out))
+    assert r.returncode == 2 and f"请删除它重新训练（python 04_tiny_gpt.py --preset small --out-dir {out} --overwrite）" in r.stderr
+
+
+def test_resume_without_a_checkpoint_names_the_requested_preset(tmp_path, _cli):
+    r = _cli("--resume", "--preset", "medium", "--out-dir", str(tmp_path))
+    assert r.returncode == 2 and "找不到检查点" in r.stderr and "Traceback" not in r.stderr
+    assert f"python 04_tiny_gpt.py --preset medium --out-dir {tmp_path}）" in r.stderr and "--quick" not in r.stderr
+    r = _cli("--sample-only", "--preset", "medium", "--out-dir", str(tmp_path))
+    assert r.returncode == 2 and "--preset medium" in r.stderr and "--quick" not in r.stderr
+
+
 def test_quick_with_bpe_trains_fewer_smaller_steps_but_flags_still_win():
     a = tg.parse_args(["--quick"])
     assert (a.max_iters, a.batch_size, a.seed, a.run_dir.name) == (300, 32, 0, "quick")
