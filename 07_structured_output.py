@@ -254,7 +254,7 @@ def agent_loop(question: str, policy, toolbox: Toolbox, max_steps: int, printer=
             break
         else:
             obs = toolbox.run(tool, args)
-        printer(f"         观察：{obs[:160]}")
+        printer(f"         观察：{clip(obs, 160)}")
         trace["steps"].append({"thought": thought, "tool": tool, "arguments": args, "observation": obs})
         messages += [{"role": "assistant", "content": json.dumps({"thought": thought, "tool": tool, "arguments": args})},
                      {"role": "user", "content": f"Observation: {obs}\nIf this answers the question, call final_answer."}]
@@ -396,14 +396,25 @@ def chat_api(client):
     return functools.partial(client.openai.chat.completions.create, model=client.model_name)
 
 
+def clip(text: str, n: int, quote: bool = False) -> str:
+    """屏幕上只显示前 n 个字符左右：在词边界处截断，并明说截断了（省略号 + 全长），免得看起来像写坏了。
+    quote=True 时用 repr 显示（看得见换行和引号）。"""
+    show = repr if quote else str
+    if len(text) <= n:
+        return show(text)
+    cut = text[:n]
+    cut = cut[:cut.rfind(" ")] if " " in cut[n // 2:] else cut
+    return f"{show(cut)}…（共 {len(text)} 个字符，只显示开头；完整内容在 results.json）"
+
+
 def print_table(name: str, res: dict) -> None:
     print(f"\n  [{name}] {res['prompt_only']['tasks']} 条任务      能解析   符合 schema   字段正确   没写完")
     for mode, label in (("prompt_only", "只靠提示词"), ("constrained", "约束解码  ")):
         r = res[mode]
         print(f"    {label}          {r['parse_rate']:6.0%}   {r['schema_valid_rate']:9.0%}   "
               f"{r['field_accuracy']:8.0%}   {r['incomplete_at_token_limit']:4d}")
-    print(f"    例（只靠提示词）：{res['prompt_only']['examples'][0][:110]!r}")
-    print(f"    例（约束解码）  ：{res['constrained']['examples'][0][:110]!r}")
+    print(f"    例（只靠提示词）：{clip(res['prompt_only']['examples'][0], 110, quote=True)}")
+    print(f"    例（约束解码）  ：{clip(res['constrained']['examples'][0], 110, quote=True)}")
 
 
 def mask_overhead(sets: dict) -> dict:
@@ -440,19 +451,23 @@ def run_agent(args, client, vocab, n: int | None) -> dict:
 
 
 def plot(sets: dict, path: Path) -> None:
-    from common.plots import new_figure, save_figure
+    from common.plots import legend_outside, new_figure, save_figure
 
-    fig, axes = new_figure(len(sets), 1, (5 * len(sets), 3.6))
+    fig, axes = new_figure(len(sets), 1, (4.6 * len(sets) + 2.2, 3.9))
     axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
     keys = ("parse_rate", "schema_valid_rate", "field_accuracy")
+    modes = {"prompt_only": ("prompt only", "C1"), "constrained": ("constrained decoding", "C0")}  # 各面板同色同义
     for ax, (name, res) in zip(axes, sets.items()):
-        for j, mode in enumerate(("prompt_only", "constrained")):
-            ax.bar([i + 0.38 * j for i in range(3)], [res[mode][k] for k in keys], width=0.38,
-                   label={"prompt_only": "prompt only", "constrained": "constrained"}[mode])
-        ax.set_xticks([i + 0.19 for i in range(3)], ["parses", "schema-valid", "fields right"])
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{name} ({res['prompt_only']['tasks']} tasks)")
-        ax.legend(loc="lower right")
+        for j, (mode, (label, colour)) in enumerate(modes.items()):
+            bars = ax.bar([i + 0.38 * j for i in range(3)], [res[mode][k] for k in keys], width=0.38, label=label,
+                          color=colour)
+            ax.bar_label(bars, labels=[f"{res[mode][k]:.0%}" for k in keys], fontsize=8, padding=1)
+        ax.set_xticks([i + 0.19 for i in range(3)], ["parses", "schema-valid", "fields right\n(valid ≠ correct)"])
+        ax.set_ylim(0, 1.12)
+        ax.set_ylabel("share of tasks")
+        n = res["prompt_only"]["tasks"]
+        ax.set_title(f"{name} ({n} task{'' if n == 1 else 's'})")
+    legend_outside(axes[-1])
     print(f"  图：{save_figure(fig, path)}")
 
 
