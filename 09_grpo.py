@@ -270,7 +270,7 @@ def parse_args(argv=None):
     add_knob(g, "--group", type=positive_int, default=6, quick=4, help="GRPO 的组大小 G：每个问题采样几个回答")
     add_knob(g, "--prompts-per-step", type=positive_int, default=4, quick=2,
              help="每步几个问题（GRPO 每步 = 这么多问题 × G 个回答；SFT 每步 = 这么多条示范）")
-    g.add_argument("--temperature", type=positive_float, default=1.0, help="GRPO 采样温度")
+    g.add_argument("--temperature", type=positive_float, default=0.8, help="GRPO 采样温度（和第 08 课在线采样一样）")
     g.add_argument("--beta", type=non_negative_float, default=0.04, help="KL 惩罚的权重 β（DeepSeekMath 用 0.04；0 = 不要 KL）")
     g.add_argument("--clip", type=positive_float, default=0.2, help="PPO 式裁剪的 ε")
     g.add_argument("--lr", type=positive_float, default=3e-4, help="LoRA 学习率（SFT 和 GRPO 用同一个）")

@@ -137,7 +137,10 @@ def count_score(i, ids):
 
 
 def one_step(seed=7, score=count_score, **kw):
-    model = with_lora(tiny_model())
+    base = tiny_model()
+    with torch.no_grad():      # a random tiny model is nearly greedy even at temperature 1: flatten its logits
+        base.lm_head.weight.mul_(0.02)
+    model = with_lora(base)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     st = L9.grpo_step(model, opt, [[1, 2, 3], [4, 5, 6, 7]], score, step_args(**kw), seed, (), 0)
     return model, st
@@ -220,6 +223,6 @@ def test_quick_run(lesson_runs):
     for key in ("grpo_a", "grpo_b"):
         t = res["time_split"][key]
         assert t["t_generate"] > 0 and t["t_backward"] >= 0
-        assert res["runs"][key]["train"]["history"]["kl"][0] == 0.0
+        assert res["runs"][key]["train"]["history"]["kl"][0] in (0.0, None)    # None: no group had a signal
     d = run.out_root / "09_grpo"
     assert (d / "training.png").is_file() and not (d / ".running").exists()
