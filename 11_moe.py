@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.cli import add_knob, course_parser, non_negative_float, positive_float, positive_int, setup_run
-from common.display import table
+from common.display import pad, table
 from common.errors import require, run_cli
 from common.moe import (CHAR_CLASSES, char_class_matrix, model_table, plot_curves, plot_loads,
                         plot_specialization, profile_forward, published_table, timed)
@@ -284,7 +284,7 @@ def specialization(model, data, a) -> list:
         first, last = mats[0][c], mats[-1][c]
         if not any(first):
             continue                                         # 验证窗口里没有这类字符
-        print(f"  {name:<6s} 第1层 → 专家 {max(range(len(first)), key=first.__getitem__)}（{max(first):.0%}）"
+        print(f"  {pad(name, 6)} 第1层 → 专家 {max(range(len(first)), key=first.__getitem__)}（{max(first):.0%}）"
               f"   最后一层 → 专家 {max(range(len(last)), key=last.__getitem__)}（{max(last):.0%}）")
     return mats
 

@@ -160,26 +160,38 @@ def profile_forward(model, x, repeats: int = 3) -> dict:
 LABELS_EN = {"dense": "dense (lesson 04 speedrun)", "moe": "MoE, same active params (bias balancing)",
              "dense_big": "dense, same total params as MoE", "moe_aux": "MoE, balancing loss",
              "moe_none": "MoE, no balancing"}
+SHORT_EN = {"moe_none": "no balancing", "moe_aux": "balancing loss", "moe": "bias balancing"}
 COLORS = {"dense": "tab:blue", "moe": "tab:orange", "dense_big": "tab:green", "moe_aux": "tab:purple",
           "moe_none": "tab:red"}
 
 
 def plot_curves(res: dict, path: Path) -> Path:
-    """Left: validation loss vs training seconds (equal time). Right: vs steps (equal steps). Same colours."""
-    from common.plots import legend_outside, new_figure, save_figure
+    """Left: validation loss vs training seconds (equal time). Middle: vs steps (equal steps). Right: the final
+    validation loss at equal steps, on a zoomed axis (the differences are a few hundredths). Same colours."""
+    from common.plots import new_figure
 
-    fig, (a1, a2) = new_figure(ncols=2, size=(12, 4.2))
+    fig, (a1, a2, a3) = new_figure(ncols=3, size=(16, 4.2))
     for name, r in res["equal_time"].items():
         a1.plot([c["seconds"] for c in r["curve"]], [c["val"] for c in r["curve"]], "o-", c=COLORS[name])
     for name, r in res["equal_steps"].items():
         a2.plot([c["step"] for c in r["curve"]], [c["val"] for c in r["curve"]], "o-", c=COLORS[name],
                 label=f"{name}: {LABELS_EN[name]}")
-    a1.set(xlabel="training seconds (evaluation excluded)", ylabel="validation loss", title="equal wall-clock time")
-    a2.set(xlabel="training step", ylabel="validation loss", title="equal steps")
+    finals = {n: r["val_loss"] for n, r in res["equal_steps"].items()}
+    a3.barh(list(finals), list(finals.values()), color=[COLORS[n] for n in finals])
+    lo, hi = min(finals.values()), max(finals.values())
+    a3.set_xlim(lo - 0.5 * (hi - lo) - 0.01, hi + 0.5 * (hi - lo) + 0.01)
+    a3.invert_yaxis()
+    lows = [c["val"] for part in ("equal_time", "equal_steps") for r in res[part].values() for c in r["curve"]]
     for ax in (a1, a2):
+        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)      # the start (~4.4) is off the top: zoom on the end
         ax.grid(alpha=0.3)
-    legend_outside(a2)
-    return save_figure(fig, path)
+    a1.set(xlabel="training seconds (evaluation excluded)", ylabel="validation loss (zoomed)", title="equal wall-clock time")
+    a2.set(xlabel="training step", ylabel="validation loss (zoomed)", title="equal steps")
+    a3.set(xlabel="final validation loss (zoomed)", title="equal steps: final")
+    a3.grid(alpha=0.3, axis="x")
+    fig.legend(*a2.get_legend_handles_labels(), loc="lower center", ncol=3, frameon=False)   # below all panels
+    fig.subplots_adjust(bottom=0.3)
+    return _save_plain(fig, path)
 
 
 def plot_loads(res: dict, path: Path) -> Path:
@@ -197,7 +209,7 @@ def plot_loads(res: dict, path: Path) -> Path:
             E = h.shape[0]
             im = ax.imshow(h * E, aspect="auto", cmap="viridis", vmin=0, vmax=3, interpolation="nearest",
                            extent=(0, 100, E - 0.5, -0.5))
-            ax.set_title(f"{name}: {LABELS_EN[name].split(', ')[-1]}, layer {l + 1}", fontsize=9)
+            ax.set_title(f"{name} ({SHORT_EN[name]}), layer {l + 1}", fontsize=9)
             ax.set_xlabel("training progress (%)" if i == len(names) - 1 else "")
             ax.set_ylabel("expert" if l == 0 else "")
     fig.subplots_adjust(hspace=0.45, wspace=0.25, right=0.86)
