@@ -1,4 +1,5 @@
-"""Benchmark: per-token cost of lesson 07's hand-written JSON mask vs llguidance, and vs one decoding step.
+"""Benchmark: per-token cost of the hand-written JSON mask (common/json_schema.py, used by lesson 07) vs llguidance,
+and vs one decoding step.
 
 Runs the lesson's own command, `07_structured_output.py --tasks N` (local model, greedy), as a subprocess and
 reads its results.json: for each schema, the mean and median time its mask took per generated token inside
