@@ -1,5 +1,6 @@
-"""Tests for 08_dpo.py: the DPO loss, sequence log-probabilities, the reference model, the checker
-and the data, mostly on a tiny random Llama (fast); the lesson's own --quick run is marked slow."""
+"""Tests for 08_dpo.py: the DPO loss, the reference model (adapter off; SFT merged + fresh adapter), on-policy
+pairs, the run's artefacts, plot and summary, and the data, mostly on a tiny random Llama (fast); the lesson's
+own --quick run is marked slow. The checker and sequence log-probs (common/preference.py): tests/test_preference.py."""
 from __future__ import annotations
 
 import argparse
@@ -92,47 +93,6 @@ def test_one_dpo_step_raises_chosen_logprob_on_a_model():
     assert torch.equal(ref.get(model, idx)[0], c0)
 
 
-def test_nll_weight_adds_the_chosen_tokens_mean_nll_to_the_dpo_loss():
-    """--nll-weight w: loss = DPO + w * mean over pairs of (-log p(chosen) / chosen tokens), the NLL computed
-    independently here with cross-entropy on the full sequence's logits."""
-    import torch.nn.functional as F
-
-    model = with_lora(tiny_model())
-    g = torch.Generator().manual_seed(5)
-    enc = [_pair(g, c_len=n) for n in (3, 6)]
-    ref, idx = L8.ReferenceLogprobs(enc), [0, 1]
-    with torch.no_grad():
-        plain, _ = L8.dpo_objective(ref, 0.3)(model, enc, idx)
-        mixed, _ = L8.dpo_objective(ref, 0.3, nll_weight=0.7)(model, enc, idx)
-        nll = []
-        for prompt, chosen, _ in enc:
-            ids = torch.tensor([prompt + chosen])
-            logits = model(ids)[0, len(prompt) - 1:-1]
-            nll.append(F.cross_entropy(logits.double(), torch.tensor(chosen)).item())
-    assert abs((mixed - plain).item() - 0.7 * sum(nll) / 2) < 1e-4
-
-
-# ------------------------------------------------------------------ log-probabilities
-def test_sequence_logprob_counts_response_tokens_only_and_ignores_padding():
-    model = tiny_model()
-    g = torch.Generator().manual_seed(0)
-    prompts = [rand_ids(n, g) for n in (3, 7, 5)]
-    responses = [rand_ids(n, g) for n in (6, 2, 4)]
-    got = L8.sequence_logprobs(model, prompts, responses)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids = torch.tensor([p + r])
-        with torch.no_grad():
-            logp = model(ids)[0].double().log_softmax(-1)          # full logits, one unpadded row
-        expect = sum(logp[len(p) - 1 + t, r[t]].item() for t in range(len(r)))   # response tokens only
-        assert got[i].item() == pytest.approx(expect, abs=1e-4)
-    # the prompt tokens themselves are not scored: a response-free row would be zero
-    assert L8.sequence_logprobs(model, [prompts[0]], [[]])[0].item() == 0.0
-    # number of scored positions = number of response tokens
-    _, targets, rows = L8.response_logits(model, prompts, responses)
-    assert rows.bincount(minlength=3).tolist() == [len(r) for r in responses]
-    assert targets.tolist() == [t for r in responses for t in r]
-
-
 # ------------------------------------------------------------------ the reference model
 def test_reference_with_adapters_off_is_bitwise_the_base_model():
     base = tiny_model()
@@ -153,7 +113,7 @@ def test_fresh_adapters_give_zero_margins():
     g = torch.Generator().manual_seed(2)
     held = [_pair(g, prompt_len=int(torch.randint(3, 9, (1,), generator=g))) for _ in range(11)]  # > one chunk of 8
     ref = L8.heldout_logprobs(base, held)
-    m = L8.preference_metrics(model, held, ref, 0.1, kl_n=3)
+    m = L8.preference_metrics(model, base, held, ref, 0.1, kl_n=3)
     assert m["margins"] == [0.0] * 11 and m["reward_accuracy"] == 0.0 and m["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -171,113 +131,164 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     base = tiny_model()
     model = with_lora(base)
     ref_held = L8.heldout_logprobs(base, held)
-    before = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
+    before = L8.preference_metrics(model, base, held, ref_held, 0.5, kl_n=4)
     a = argparse.Namespace(batch_size=8, seed=0, rank=4, time_budget=10.0)
     tr = L8.train(model, train_enc, L8.dpo_objective(L8.ReferenceLogprobs(train_enc), 0.5), a, "tiny", 1e-2, 30,
                   tmp_path / "adapter.safetensors")
-    after = L8.preference_metrics(model, held, ref_held, 0.5, kl_n=4)
+    after = L8.preference_metrics(model, base, held, ref_held, 0.5, kl_n=4)
     assert tr["steps"] == 30 and not tr["cut_by_time_budget"] and (tmp_path / "adapter.safetensors").is_file()
+    assert tr["adapter"] == "adapter.safetensors"
     assert tr["planned_steps"] == 30 and len(tr["losses"]) == 30 and tr["train_seconds"] > 0     # lesson 05's names
     assert tr["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert after["reward_accuracy"] > before["reward_accuracy"]
     assert after["reward_accuracy"] >= 0.75 and after["mean_margin"] > 0 and after["kl_per_token"] > 0
 
 
-def test_sft_then_dpo_uses_the_sft_policy_as_reference(tmp_path):
-    """--sft-steps K: K SFT steps, then DPO whose reference is the policy at the end of SFT. The reference table
-    must hold the SFT policy's log-probs (adapter on, not the base's), be filled before DPO starts, and so the
-    first DPO step sees margins of exactly 0 and a loss of log 2; the DPO phase continues the batch order at step K."""
-    g = torch.Generator().manual_seed(4)
-    enc = [_pair(g) for _ in range(12)]
+def test_stacked_adapter_reference_is_the_sft_policy():
+    """SFT adapter merged into the weights, a fresh adapter on top: with the new adapter still B = 0 the model is
+    the SFT policy, and with adapters off it stays the SFT policy after training moves the new adapter; the SFT
+    model itself is not changed; a DPO step on top starts from margins of exactly 0 (loss log 2)."""
     base = tiny_model()
-    model = with_lora(base)
-    a = argparse.Namespace(batch_size=2, seed=0, rank=4, time_budget=10.0, sft_steps=2, nll_weight=0.0)
-    seen, first_dpo = [], {}
-    real_train, real_obj = L8.train, L8.dpo_objective
-
-    def spy_objective(ref, beta, w):
-        inner = real_obj(ref, beta, w)
-
-        def objective(m, e, idx):
-            loss, stats = inner(m, e, idx)
-            first_dpo.setdefault("loss", loss.item())
-            first_dpo.setdefault("ref", ref)
-            return loss, stats
-        return objective
-
-    def spy_train(m, e, objective, a_, label, lr, steps, path, first=0):
-        seen.append((first, steps))
-        if objective is L8.sft_objective:
-            out = real_train(m, e, objective, a_, label, lr, steps, path, first)
-            p = [x[0] for x in e]
-            with torch.no_grad():
-                first_dpo["sft_c"] = L8.sequence_logprobs(m, p, [x[1] for x in e])
-            return out
-        return real_train(m, e, objective, a_, label, lr, steps, path, first)
-
-    L8.train, L8.dpo_objective = spy_train, spy_objective
-    try:
-        tr = L8.sft_then_dpo(model, enc, a, "t", 0.5, 1e-2, 5, tmp_path / "adapter.safetensors")
-    finally:
-        L8.train, L8.dpo_objective = real_train, real_obj
-    assert seen == [(0, 2), (2, 3)] and tr["steps"] == 5 and tr["phase_steps"] == [2, 3]
-    assert tr["planned_steps"] == 5 and len(tr["losses"]) == len(tr["history"]["acc"]) + 2 == 5
-    assert first_dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)      # policy == reference at DPO step 0
-    ref = first_dpo["ref"]
-    used = L8.batch_order(12, 5, 2, 0)[4:10]
-    assert set(ref.table) == set(used)
+    sft = with_lora(base, random_b=True)                  # stands in for a trained SFT adapter
+    ids = torch.tensor([rand_ids(12, torch.Generator().manual_seed(5))])
     with torch.no_grad():
-        base_c = L8.sequence_logprobs(base, [x[0] for x in enc], [x[1] for x in enc])
-    for i in used:       # the reference is the SFT policy (adapter on), not the base
-        assert ref.table[i][0] == pytest.approx(first_dpo["sft_c"][i].item(), abs=1e-4)
-        assert ref.table[i][0] != pytest.approx(base_c[i].item(), abs=1e-4)
-    with pytest.raises(RuntimeError):    # a reference that would be computed from the moving policy is refused
-        ref.get(model, [next(i for i in range(12) if i not in ref.table)])
+        want = sft(ids)
+        stacked = L8.stack_fresh_adapter(sft, argparse.Namespace(rank=4, seed=0))
+        assert torch.allclose(stacked(ids), want, atol=1e-5)
+        assert not torch.allclose(base(ids), want, atol=1e-3)
+        for m in lora_modules(stacked).values():
+            assert not m.merged and torch.count_nonzero(m.B) == 0
+            m.B.normal_(0, 0.1)                           # "training" moves the new adapter ...
+        assert not torch.allclose(stacked(ids), want, atol=1e-3)
+        with adapters_disabled(stacked):                  # ... the reference (adapter off) is still the SFT policy
+            assert torch.allclose(stacked(ids), want, atol=1e-5)
+        assert torch.equal(sft(ids), want) and not any(m.merged for m in lora_modules(sft).values())
+    fresh = L8.stack_fresh_adapter(sft, argparse.Namespace(rank=4, seed=0))
+    g = torch.Generator().manual_seed(6)
+    enc = [_pair(g) for _ in range(3)]
+    loss, _ = L8.dpo_objective(L8.ReferenceLogprobs(enc), 0.5)(fresh, enc, [0, 1, 2])
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_sft_steps_must_leave_a_dpo_step(capsys):
-    with pytest.raises(SystemExit) as e:
-        L8.parse_args(["--steps", "10", "--sft-steps", "10"])
-    assert e.value.code != 0 and "--sft-steps" in capsys.readouterr().err
+class WordTok:
+    """A stand-in tokenizer: token i decodes to WORDS[i]; the chat template is the prompt's length in tokens."""
+    WORDS = ["Water it daily.", "Is it dry?", "Bad.", "Rambling words here."]
+    im_end, eos_ids = 9, {9}
+
+    def decode(self, ids):
+        return " ".join(self.WORDS[i] for i in ids)
+
+    def encode(self, text):
+        return [7] * len(text.split())
+
+    def apply_chat_template(self, messages, default_system=False):
+        return [8] * len(messages[0]["content"].split())
 
 
-def test_self_rejected_replaces_only_the_used_rejected_answers_with_the_base_models_greedy_answer():
-    """--rejected model: for every pair training will use, rejected = what the base model writes greedily
-    for that prompt (checked against common.generate.generate, one prompt at a time, no cache: an
-    independent path); chosen and prompts stay as they were, unused pairs are untouched."""
-    from common.generate import generate
-    g = torch.Generator().manual_seed(3)
-    enc = [(rand_ids(4 + i % 3, g), rand_ids(5, g), rand_ids(7, g)) for i in range(20)]
-    base = tiny_model()
-    tok = argparse.Namespace(im_end=63, eos_ids={63})
-    a = argparse.Namespace(batch_size=4, seed=0, gen_batch=5, max_new_tokens=6)
-    new, used = L8.self_rejected(base, tok, enc, a, steps=3)
-    assert used == sorted(set(L8.batch_order(20, 3, 4, 0)[:12])) and len(used) > 4
-    for k in range(20):
-        assert new[k][:2] == enc[k][:2]
-        if k not in used:
-            assert new[k] == enc[k]
-            continue
-        alone = list(generate(base, enc[k][0], 6, use_cache=False, stop_ids=[63]))
-        assert new[k][2] == (alone + [63] if len(alone) < 6 else alone)
+def test_onpolicy_pairs_pass_vs_fail_all_fail_uses_the_data_and_all_pass_is_skipped(monkeypatch):
+    rows = [{"prompt": "How do I keep basil alive?", "chosen": "Sun and little water. Is it sunny?", "rejected": "x"}] * 3
+    outs = [[[0, 1], [0], [0, 1], [2]],              # mixed: 2 pass, 2 fail -> 2 pairs
+            [[0], [2], [3, 3, 3, 3], [0]],           # all fail (one unfinished) -> data's chosen vs each, 4 pairs
+            [[0, 1]] * 4]                            # all pass -> no pair
+    seen = {}
+
+    def fake_sample_k(model, prompts, k, max_new, **kw):
+        seen.update(k=k, max_new=max_new, prompts=prompts, **kw)
+        return outs
+    monkeypatch.setattr(L8, "sample_k", fake_sample_k)
+    a = argparse.Namespace(k=4, max_new_tokens=4, temperature=0.8, seed=3, gen_batch=64)
+    pairs, stats = L8.onpolicy_pairs(None, WordTok(), rows, a)
+    assert seen["k"] == 4 and seen["temperature"] == 0.8 and seen["seed"] == 3 and seen["stop_ids"] == {9}
+    assert (stats["mixed"], stats["all_fail"], stats["all_pass"], stats["pairs"]) == (1, 1, 1, 6)
+    assert stats["samples_passed"] == 2 + 0 + 4
+    prompt = [8] * 6                                 # the stand-in template: one token per word
+    assert pairs[:2] == [(prompt, [0, 1, 9], [0, 9]), (prompt, [0, 1, 9], [2, 9])]
+    data_chosen = [7] * 7 + [9]
+    assert pairs[2:] == [(prompt, data_chosen, [0, 9]), (prompt, data_chosen, [2, 9]),
+                         (prompt, data_chosen, [3, 3, 3, 3]), (prompt, data_chosen, [0, 9])]   # unfinished: no <|im_end|>
+    assert stats["examples"][0]["why"] == "没有以一个追问结尾"
+
+
+def test_ctrl_c_saves_the_half_trained_adapter_where_told_and_reraises(tmp_path):
+    model = with_lora(tiny_model())
+    g = torch.Generator().manual_seed(1)
+    enc = [_pair(g) for _ in range(4)]
+    calls = []
+
+    def objective(m, e, idx):
+        calls.append(idx)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return L8.sft_objective(m, e, idx)
+    a = argparse.Namespace(batch_size=2, seed=0, rank=4, time_budget=10.0)
+    with pytest.raises(KeyboardInterrupt):
+        L8.train(model, enc, objective, a, "t", 1e-2, 5, tmp_path / "stage" / "adapter_x.safetensors")
+    assert (tmp_path / "stage" / "adapter_x.safetensors").is_file() and len(calls) == 2
+
+
+def test_publish_replaces_the_whole_set_and_removes_stale_files(tmp_path):
+    out, stage = tmp_path / "out", tmp_path / "out" / ".running"
+    stage.mkdir(parents=True)
+    for name, text in [("results.json", "old"), ("training.png", "old"), ("adapter_dpo.safetensors", "old"),
+                       ("notes.txt", "mine")]:
+        (out / name).write_text(text)
+    for name in ("results.json", "training.png", "adapter_sft.safetensors"):
+        (stage / name).write_text("new")
+    L8.publish(stage, out)
+    assert sorted(f.name for f in out.iterdir()) == ["adapter_sft.safetensors", "notes.txt", "results.json",
+                                                      "training.png"]
+    assert all((out / n).read_text() == "new" for n in ("results.json", "training.png", "adapter_sft.safetensors"))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def fake_runs():
+    def gen(p):
+        return {"pass_rate": p, "mean_words": 20.0, "n": 2, "outputs": ["a", "b"], "reasons": ["通过", "太长"],
+                "reason_counts": {"通过": 1, "追问是在复述问题": 1}}
+
+    def tr(n, dpo):
+        hist = {"acc": [1.0] * n if dpo else [], "margin": [0.1 * i for i in range(n)] if dpo else [], "chosen_drift": []}
+        return {"steps": n, "losses": [1.0 / (i + 1) for i in range(n)], "history": hist}
+    runs = {"base": {"label": "基座", "wall_seconds": 0.0}}
+    for key, n, dpo in [("sft", 5, False), ("sft_more", 3, False), ("dpo_offline", 3, True), ("dpo_onpolicy", 3, True)]:
+        runs[key] = {"label": L8.RUNS[key], "wall_seconds": 1.0, "train": tr(n, dpo)}
+    for r in runs.values():
+        r.update(generation=gen(0.5), neutral_ppl=27.0, kl_per_token=0.1, reward_accuracy=1.0, mean_margin=0.5)
+    return runs
+
+
+def test_plot_same_colour_means_same_run_in_every_panel_axes_labelled_legends_outside(monkeypatch):
+    figs = []
+    monkeypatch.setattr(L8, "save_figure", lambda fig, path: figs.append(fig) or path)
+    L8.plot_training(fake_runs(), Path("unused.png"))
+    fig = figs[0]
+    fig.canvas.draw()
+    colours = {}
+    for ax in fig.axes:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+        leg = ax.get_legend()
+        assert leg is not None and not leg.get_window_extent().overlaps(ax.get_window_extent())
+    assert len(colours) == 4 and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == 4      # four runs, four colours
+
+
+def test_summary_rows_line_up_in_a_terminal(tmp_path, capsys):
+    from common.display import width
+    a = argparse.Namespace(seed=0)
+    stats = {"pairs": 1}
+    L8.report(fake_runs(), stats, [{"prompt": "p1"}, {"prompt": "p2"}], a, tmp_path, 1.0)
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("模型"))
+    block = lines[head:head + 6]
+    assert block[1].startswith("基座") and len({width(line) for line in block}) == 1
+    res = json.loads((tmp_path / "results.json").read_text("utf-8"))
+    assert set(res["pass_rate"]) == {"base", "sft", "sft_more", "dpo_offline", "dpo_onpolicy"}
+    assert res["removed_by_echo_rules"]["sft"] == {"追问是在复述问题": 1, "没有超出问题的内容": 0}
 
 
 # ------------------------------------------------------------------ checker and data
-@pytest.mark.parametrize("text,ok", [
-    ("Water it when the soil is dry. Is it near a window?", True),
-    ("Water it when the soil is dry.", False),                                   # no follow-up question
-    ("Is it near a window? Water it when the soil is dry.", False),              # question not at the end
-    (" ".join(["word"] * 30) + " ok?", False),                                   # 31 words: too long
-    ("Tip. " + " ".join(["really"] * 11) + "?", False),                          # question too long
-    ("Why? Is it near a window?", False),                                        # two questions
-    ("How do you do?", False),                                                   # a question but no answer
-    ("How do you do it?", False),                                                # (what DPO learned to game)
-    ("", False),
-])
-def test_checker(text, ok):
-    assert L8.check_answer(text)[0] is ok
-
-
 def test_dataset_matches_checker_and_generator(data_generator):
     d = REPO / "data" / "dpo"
     train, held = (json.loads((d / n).read_text("utf-8")) for n in ("train.json", "heldout.json"))
@@ -285,8 +296,8 @@ def test_dataset_matches_checker_and_generator(data_generator):
     L8.check_data(train, held)                       # chosen pass, rejected fail, no shared prompts
     gen = data_generator(d)
     for r in train + held:                           # the generator's copy of the rule agrees with the lesson's
-        assert gen.CHECKER(r["chosen"]) == L8.check_answer(r["chosen"])[0]
-        assert gen.CHECKER(r["rejected"]) == L8.check_answer(r["rejected"])[0]
+        assert gen.CHECKER(r["chosen"]) == L8.check_answer(r["prompt"], r["chosen"])[0]
+        assert gen.CHECKER(r["rejected"]) == L8.check_answer(r["prompt"], r["rejected"])[0]
 
 
 def test_dataset_files_are_what_the_generator_writes(tmp_path, data_generator):
@@ -305,8 +316,13 @@ def test_quick_run(lesson_runs):
     assert res["reward_accuracy"]["before"] == 0.0                  # policy == reference before training
     assert res["reward_accuracy"]["after"] > res["reward_accuracy"]["before"]
     assert res["mean_margin"]["after"] > 0
-    assert set(res["checker_pass_rate"]) == {"base", "sft", "dpo"}
-    assert all(0 <= v <= 1 for v in res["checker_pass_rate"].values())
-    assert res["kl_per_token"]["base"] == 0.0 and res["kl_per_token"]["dpo"] > 0
-    assert (run.out_root / "08_dpo" / "training.png").is_file()
-    assert (run.out_root / "08_dpo" / "adapter_dpo.safetensors").is_file()
+    assert set(res["pass_rate"]) == {"base", "sft", "sft_more", "dpo_offline", "dpo_onpolicy"}
+    assert all(0 <= v <= 1 for v in res["pass_rate"].values())
+    assert res["kl_per_token"]["base"] == 0.0 and res["kl_per_token"]["dpo_onpolicy"] > 0
+    assert res["onpolicy_sampling"]["pairs"] > 0
+    # wall time: on-policy DPO includes the SFT steps and the sampling
+    assert res["wall_seconds"]["dpo_onpolicy"] > res["onpolicy_sampling"]["seconds"] > 0
+    d = run.out_root / "08_dpo"
+    assert (d / "training.png").is_file() and not (d / ".running").exists()
+    for key in ("sft", "sft_more", "dpo_offline", "dpo_onpolicy"):
+        assert (d / f"adapter_{key}.safetensors").is_file()

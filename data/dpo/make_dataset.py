@@ -4,8 +4,8 @@
 
 Format: ``[{"prompt", "chosen", "rejected", "kind"}, ...]`` (the usual DPO layout, as in TRL or
 LlamaFactory's preference data). The preference is one a program can check (see CHECKER below and
-``check_answer`` in 08_dpo.py): the chosen answer is concise (at most MAX_WORDS words), and after
-at least one answer sentence it ends with one short follow-up question; the rejected answer breaks
+``check_answer`` in common/preference.py, which also rejects echoes of the prompt): the chosen answer is
+concise (at most MAX_WORDS words), and after at least one answer sentence it ends with one short follow-up question; the rejected answer breaks
 at least one of the rules:
   * "ramble":      long answer, no question at the end
   * "long_question": long answer that does end with a question (length alone makes it bad)
@@ -215,7 +215,8 @@ def make_pairs(topics, rng: random.Random) -> list[dict]:
     return pairs
 
 
-# The rule, duplicated here only to assert the data obeys it; 08_dpo.py's check_answer is the one the lesson uses.
+# The format rules, duplicated here only to assert the data obeys them; the lesson uses common/preference.py's
+# check_answer (tests check that both agree on every pair).
 def CHECKER(text: str) -> bool:
     t = text.strip()
     sentences = re.split(r"(?<=[.!?])\s+", t)
