@@ -11,7 +11,7 @@
   5. 时间花在哪：采样（生成）、打分、反向传播各用多少秒。
 
 本地模型只懂英文，所以提示都是英文的（data/dpo/ 和 data/grpo/）。
-用时（2 核 CPU，见 docs/09_grpo.md）：--quick 约 1.5 分钟；默认约 12 分钟。
+用时（2 核 CPU，见 docs/09_grpo.md）：--quick 约 1 分钟；默认约 11 分钟。
 
 常用命令：
   python 09_grpo.py --quick                  # 快速体验：每个任务训练几步
@@ -409,6 +409,7 @@ def report(runs: dict, data: dict, a, stage: Path, out: Path, seconds: float) ->
     res = save_results(out, {
         "pass_rate": {"base": b["A"]["pass_rate"], "sft": s["A"]["pass_rate"], "grpo": ga["A"]["pass_rate"]},
         "accuracy": {"base": b["B"]["accuracy"], "grpo": gb["B"]["accuracy"]},
+        "lenient_accuracy": {"base": b["B"]["lenient_accuracy"], "grpo": gb["B"]["lenient_accuracy"]},
         "neutral_ppl": {k: m["neutral_ppl"] for k, m in runs.items()},
         "time_split": {k: runs[k]["train"]["time_split"] for k in ("grpo_a", "grpo_b")},
         "runs": runs, "total_seconds": seconds}, run_args=a, files=files,
