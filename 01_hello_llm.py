@@ -23,12 +23,12 @@ import re
 import tempfile
 import threading
 import time
-import unicodedata
 
 import torch
 
 from common.cli import (add_knob, course_parser, float_list, non_negative_float, non_negative_int,
                         parts_type, positive_int, probability, setup_run)
+from common import display
 from common.client import client_from_args
 from common.errors import UserError, run_cli
 from common.local_model import load_local_model
@@ -85,9 +85,8 @@ def show(piece: str) -> str:
 
 
 def pad(text: str, width: int) -> str:
-    """右对齐到 width 格（汉字在终端里占两格）。"""
-    w = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-    return " " * max(0, width - w) + text
+    """右对齐到 width 格（汉字在终端里占两格；common/display.py，所有课的表格共用）。"""
+    return display.pad(text, width, ">")
 
 
 def has_cjk(text: str) -> bool:
