@@ -401,6 +401,8 @@ def plot_attention(A, focus_heads, labels, q, args):
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_xlabel("key (attended-to token)")
     ax1.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax1.set_ylabel("query (attending token)")
+    ax2.set_ylabel("attention head")
     ax2.set_yticks(range(focus_heads.shape[0]), [f"head {h}" for h in range(focus_heads.shape[0])], fontsize=8)
     fig.colorbar(im, ax=ax2, label="attention weight (same 0-1 scale in both panels)")
     return str(save_figure(fig, args.out_dir / "attention.png"))

@@ -328,6 +328,9 @@ def plot_step_times(t_c: list[float], t_n: list[float], P: int, name: str, dtype
                 xytext=(12, -6), textcoords="offset points", fontsize=8, va="top")
     ax.set(xlabel="sequence length (position of the new token)", ylabel="time for this token (ms, log scale)",
            yscale="log", title=f"{name} ({dtype}): time per generated token")
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))   # 60, not 6×10¹
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     legend_outside(ax)
     path = save_figure(fig, out_dir / f"time_per_token_{dtype}.png")

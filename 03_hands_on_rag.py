@@ -221,6 +221,7 @@ def plot_retrieval(table: dict, n_questions: int, chunk_size: int, out_dir: Path
     ax.set_ylim(0, 1.3)  # bars end at 1.0; the legend sits in the empty band above them
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("share of questions (recall@k) / MRR@10")
+    ax.set_xlabel("metric (recall@k: gold source file in the top k chunks)")
     ax.set_title(f"Retrieval on {n_questions} questions (chunk {chunk_size} tok)")
     ax.legend(loc="upper center", ncol=len(table), frameon=False)
     return save_figure(fig, out_dir / "retrieval.png")

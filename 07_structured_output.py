@@ -464,7 +464,7 @@ def plot(sets: dict, path: Path) -> None:
             ax.bar_label(bars, labels=[f"{res[mode][k]:.0%}" for k in keys], fontsize=8, padding=1)
         ax.set_xticks([i + 0.19 for i in range(3)], ["parses", "schema-valid", "fields right\n(valid ≠ correct)"])
         ax.set_ylim(0, 1.12)
-        ax.set_ylabel("share of tasks")
+        ax.set(xlabel="what was checked in each JSON output", ylabel="share of tasks")
         n = res["prompt_only"]["tasks"]
         ax.set_title(f"{name} ({n} task{'' if n == 1 else 's'})")
     legend_outside(axes[-1])
