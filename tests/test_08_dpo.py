@@ -221,6 +221,7 @@ def test_ctrl_c_saves_the_half_trained_adapter_where_told_and_reraises(tmp_path)
             raise KeyboardInterrupt
         return L8.sft_objective(m, e, idx)
     a = argparse.Namespace(batch_size=2, seed=0, rank=4, time_budget=10.0)
+    (tmp_path / "stage").mkdir()                          # main() creates the run's stage folder
     with pytest.raises(KeyboardInterrupt):
         L8.train(model, enc, objective, a, "t", 1e-2, 5, tmp_path / "stage" / "adapter_x.safetensors")
     assert (tmp_path / "stage" / "adapter_x.safetensors").is_file() and len(calls) == 2
