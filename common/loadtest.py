@@ -12,7 +12,9 @@ are used, so that `python 06_serve.py` (the server alone) does not pay for them.
 from __future__ import annotations
 
 import json
+import os
 import random
+import secrets
 import time
 import urllib.request
 import uuid
@@ -23,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from common.errors import require
-from common.serving import Running
+from common.outputs import save_results
+from common.serving import Auth, Running
 
 PROMPTS = [
     "Name three colors.",
@@ -322,3 +325,38 @@ def plot(load: dict, path) -> None:
         ax.grid(alpha=0.3)
     legend_outside(ax2)
     print(f"图已保存：{save_figure(fig, path)}")
+
+
+def demo(args, make_server) -> int:
+    """Lesson 06's --demo: start the lesson's server in this process (make_server(args, **settings); auth on, a
+    random key and user, never printed), run the tour and the load test against it, explain and save the results."""
+    import torch     # only to report the thread count; this thread runs no torch op (see Engine.start in 06)
+
+    key, user = "sk-demo-" + secrets.token_urlsafe(16), ("student", secrets.token_urlsafe(12))
+    # the server's own loader thread loads the model (a torch op in this thread would slow the engine)
+    srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30),
+                      session_db=args.out_dir / "demo_sessions.sqlite3")
+    print(f"[演示] 进程内启动服务器（认证开启：一个随机 API key 和用户 {user[0]}，都不打印）……")
+    t0 = time.perf_counter()
+    with Running(srv) as run:
+        facts = tour(run, key, user, args.tour_tokens)
+        banner(f"第 2 部分：压测——{','.join(map(str, args.clients))} 个并发流式客户端，每个发 "
+               f"{args.requests_per_client} 个请求，每个请求 {max(1, args.load_tokens // 2)}～{args.load_tokens} 个 token")
+        print(f"同一台服务器、同一份引擎代码：'一次一个' = 引擎只用 KV 缓存的 1 行；'连续批处理' = 最多 "
+              f"{srv.engine.cache.batch} 行。KV 缓存预分配 {srv.engine.cache.nbytes_allocated() / 2**20:.0f} MB。")
+        load = load_test(run, key, args.clients, args.requests_per_client, args.load_tokens, args.seed)
+        prompt_tokens = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
+        load["prefix_cached_tokens"], load["prompt_tokens"] = srv.engine.prefix_hits, prompt_tokens
+        if srv.engine.prefix:
+            print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
+                  f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
+    weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
+    findings = report(load, weight_mb, args.dtype)
+    plot(load, args.out_dir / "serve_load.png")
+    path = save_results(args.out_dir, {
+        "tour": facts, "load": load, **findings, "settings": {
+            "clients": args.clients, "requests_per_client": args.requests_per_client, "load_tokens": args.load_tokens,
+            "dtype": args.dtype, "max_batch": args.max_batch, "threads": torch.get_num_threads()},
+        "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1)})
+    print(f"结果已保存：{path}（机器负载 {os.getloadavg()[0]:.2f}；别的程序占用 CPU 时数字会偏低）")
+    return 0

@@ -9,6 +9,7 @@ are in Chinese, like the lesson.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import hashlib
@@ -21,6 +22,7 @@ import socket
 import sqlite3
 import threading
 import time
+from typing import Literal
 
 import jwt
 import uvicorn
@@ -28,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -297,6 +300,117 @@ def embeddings_body(vecs, tokens: int, model: str, encoding_format: str) -> dict
         return base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding_format == "base64" else v.tolist()
     return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vecs)]}
+
+
+# ------------------------------------------------------------------ the OpenAI request bodies and one reply
+SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
+SEED = dict(ge=-2**63, le=2**64 - 1)        # what torch.Generator.manual_seed accepts: beyond it, 422 at the API
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
+    content: str | list[dict] | None = None      # 字符串，或 [{"type": "text", "text": "..."}, ...]
+
+
+class ChatRequest(BaseModel):
+    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；不认识的字段回 400，见 common/serving.py 的 CHAT_ACCEPTED）。"""
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, **SEED)
+    session_id: str | None = Field(None, pattern=SESSION_ID)   # 扩展：接着某个会话聊
+    ignore_eos: bool = False                                    # 扩展（vLLM 也有）：压测时固定生成长度
+
+
+class GenerateRequest(BaseModel):
+    """原教程自己的 /v1/generate：一句话进，一段话出，可带会话。"""
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(64, ge=1)
+    session_id: str | None = Field(None, pattern=SESSION_ID)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, **SEED)
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI 的 /v1/embeddings 请求体。openai SDK 默认要 base64（小端 float32 的字节再 base64），省流量。"""
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class Reply:
+    """The server side of one request: tokens sent by lesson 06's engine thread become text pieces on the event
+    loop (stop strings, client disconnects, engine errors, shutdown). srv is lesson 06's Server (its .lm.tokenizer
+    decodes, its .engine cancels); job is the engine's Job, whose on_event this reply takes over."""
+
+    def __init__(self, srv, job, stops: list[str]):
+        self.srv, self.job, self.stops = srv, job, [s for s in stops if s]
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job.on_event = lambda kind, value: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        self.finish: str | None = None          # stop / length / cancelled / error / shutdown
+        self.text = ""
+
+    async def pieces(self, request: Request | None = None):
+        """逐段产出文字。request 给出时（非流式）另有一个任务等着客户端断开，断开就取消这个请求。"""
+        dec, sent = self.srv.lm.tokenizer.stream_decoder(), 0
+        hold = max((len(s) for s in self.stops), default=1) - 1   # 可能是 stop 开头的尾巴先不发
+        watcher = asyncio.create_task(self._watch(request)) if request is not None else None
+        try:
+            while True:
+                kind, value = await self.queue.get()
+                self.text += dec.feed(value) if kind == "token" else dec.flush()
+                cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+                if cut >= 0 or kind == "done":
+                    end = cut if cut >= 0 else len(self.text)
+                    self.text, self.finish = self.text[:end], "stop" if cut >= 0 else value
+                    if end > sent:
+                        yield self.text[sent:end]
+                    return
+                if len(self.text) - hold > sent:
+                    yield self.text[sent:len(self.text) - hold]
+                    sent = len(self.text) - hold
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if self.job.finish_reason is None:        # 断开或命中 stop：让引擎立刻释放这一行
+                self.srv.engine.cancel(self.job)
+
+    async def _watch(self, request: Request) -> None:
+        """请求体读完以后，receive() 只会在客户端断开时返回 http.disconnect：断开了就取消生成。"""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.srv.engine.cancel(self.job)
+
+    async def wait(self, request: Request) -> None:
+        """非流式：等整个回答生成完（客户端断开就取消）；引擎出错或服务器关闭时抛出对应的 ApiError。"""
+        async for _ in self.pieces(request):
+            pass
+        if (failed := self.failure()) is not None:
+            raise failed
+
+    def failure(self) -> ApiError | None:
+        """引擎出错或服务器关闭时，这个请求该回的错误（OpenAI 的格式）；正常结束时为 None。"""
+        if self.finish == "error":
+            return ApiError(500, "生成时服务器内部出错，请重试", "server_error", "engine_error")
+        if self.finish == "shutdown":
+            return ApiError(503, "服务器正在关闭……请稍后重试", "server_error", "server_shutdown")
+        return None
+
+    def usage(self) -> dict:
+        p, c = len(self.job.prompt), len(self.job.generated)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 # ------------------------------------------------------------------ generic HTTP plumbing

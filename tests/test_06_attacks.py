@@ -18,6 +18,8 @@ import pytest
 from test_06_serve import (JWT_SECRET, KEY, MODEL, PASSWORD, USER, assert_error_shape, auth, gauges, make_server,
                            request, serve)
 
+from common.serving import Running
+
 OTHER_KEY = "test-key-other-5b2e90d4"
 HI = [{"role": "user", "content": "Hi"}]
 MAX_BODY = 64 * 1024
@@ -29,7 +31,7 @@ def running(local_fp32, tmp_path_factory):
     # a high failed-attempt limit: this module's 401 tests all come from 127.0.0.1 (test 5 uses its own servers)
     keys = serve.Auth([KEY, OTHER_KEY], {USER: PASSWORD}, JWT_SECRET, 30, failed_limit=1000)
     srv = make_server(local_fp32, db, auth=keys, max_body=MAX_BODY)
-    with serve.Running(srv) as run:
+    with Running(srv) as run:
         yield run
 
 
@@ -105,7 +107,7 @@ def test_engine_survives_a_fault_in_a_step(running, local_fp32, monkeypatch):
 
 
 def test_readyz_is_not_ready_when_the_engine_thread_is_gone(local_fp32, tmp_path):
-    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
+    with Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
         assert request(run, "GET", "/readyz")[0] == 200
         run.srv.engine.stop()                       # the thread ends (as a crashed one would)
         status, _, body = request(run, "GET", "/readyz")
@@ -150,14 +152,14 @@ def test_another_callers_session_looks_exactly_like_an_unused_one(running):
 # ------------------------------------------------------------------ 3. identities survive reordering keys
 def test_reordering_api_keys_keeps_a_callers_sessions(local_fp32, tmp_path):
     db = tmp_path / "s.sqlite3"
-    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30))) as run:
+    with Running(make_server(local_fp32, db, auth=serve.Auth([KEY, OTHER_KEY], {}, "", 30))) as run:
         sid = request(run, "POST", "/v1/generate", {"prompt": "keep me", "max_new_tokens": 2},
                       auth(OTHER_KEY))[2]["session_id"]
-    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([OTHER_KEY, KEY], {}, "", 30))) as run:
+    with Running(make_server(local_fp32, db, auth=serve.Auth([OTHER_KEY, KEY], {}, "", 30))) as run:
         status, _, body = request(run, "GET", f"/v1/sessions/{sid}", headers=auth(OTHER_KEY))
         assert status == 200 and body["messages"][0]["content"] == "keep me"
         assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(KEY))[0] == 404
-    with serve.Running(make_server(local_fp32, db, auth=serve.Auth([KEY], {}, "", 30))) as run:   # revoked
+    with Running(make_server(local_fp32, db, auth=serve.Auth([KEY], {}, "", 30))) as run:   # revoked
         assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(OTHER_KEY))[0] == 401
         assert request(run, "GET", f"/v1/sessions/{sid}", headers=auth(KEY))[0] == 404
 
@@ -165,14 +167,14 @@ def test_reordering_api_keys_keeps_a_callers_sessions(local_fp32, tmp_path):
 # ------------------------------------------------------------------ 5. guessing credentials is throttled
 def test_guessing_passwords_and_keys_gets_429(local_fp32, tmp_path):
     srv = make_server(local_fp32, tmp_path / "s.sqlite3")
-    with serve.Running(srv) as run:
+    with Running(srv) as run:
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         statuses = [request(run, "POST", "/oauth/token", raw=f"username=alice&password=guess{i}".encode(),
                             headers=form)[0] for i in range(100)]
         assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}
         status, headers, body = request(run, "GET", "/v1/models", headers=auth(KEY))     # even the right key
         assert status == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["code"] == "too_many_failed_attempts"
-    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
+    with Running(make_server(local_fp32, tmp_path / "s.sqlite3")) as run:
         statuses = [request(run, "GET", "/v1/models", headers=auth(f"wrong-{i}"))[0] for i in range(100)]
         assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}
 
@@ -277,7 +279,7 @@ def test_fifty_streams_half_disconnecting(local_fp32, tmp_path):
             conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         outcomes[i] = lines
-    with serve.Running(srv) as run:
+    with Running(srv) as run:
         jobs, submit = [], srv.engine.submit
         srv.engine.submit = lambda job: jobs.append(job) or submit(job)
         threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
@@ -357,7 +359,7 @@ def test_query_string_credentials_never_reach_the_access_log(local_fp32, tmp_pat
         def emit(self, record):
             lines.append(record.getMessage())
     keep = Keep()
-    with serve.Running(make_server(local_fp32, tmp_path / "s.sqlite3"), log_level="info") as run:
+    with Running(make_server(local_fp32, tmp_path / "s.sqlite3"), log_level="info") as run:
         logging.getLogger("uvicorn.access").addHandler(keep)
         try:
             assert request(run, "GET", f"/v1/models?api_key={secret}", headers=auth())[0] == 200
@@ -387,7 +389,7 @@ def test_shutdown_sends_an_error_event_to_streams_it_cuts(local_fp32, tmp_path, 
                 events.append(line[6:].strip())
                 started.set()
         conn.close()
-    run = serve.Running(srv, grace=2)
+    run = Running(srv, grace=2)
     with run:
         reader = threading.Thread(target=long_stream)
         reader.start()

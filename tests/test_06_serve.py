@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from common import loadtest
-from common.serving import RateLimiter
+from common.serving import RateLimiter, Running
 
 serve = importlib.import_module("06_serve")
 
@@ -43,7 +43,7 @@ def make_server(lm, db, **kw) -> "serve.Server":
 @pytest.fixture(scope="module")
 def running(local_fp32, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "sessions.sqlite3"
-    with serve.Running(make_server(local_fp32, db)) as run:
+    with Running(make_server(local_fp32, db)) as run:
         yield run
 
 
@@ -327,7 +327,7 @@ def test_full_queue_503(running):
 def test_not_ready_503_until_model_loaded(local_fp32, tmp_path):
     gate = threading.Event()
     srv = make_server(local_fp32, tmp_path / "s.sqlite3", load_model=lambda: gate.wait(60) and local_fp32)
-    with serve.Running(srv, wait_ready=False) as run:
+    with Running(srv, wait_ready=False) as run:
         assert request(run, "GET", "/readyz")[0] == 503
         assert request(run, "GET", "/v1/models", headers=auth())[0] == 503
         assert request(run, "GET", "/healthz")[0] == 200
@@ -341,12 +341,12 @@ def test_not_ready_503_until_model_loaded(local_fp32, tmp_path):
 # ------------------------------------------------------------------ sessions, disconnects, metrics
 def test_sessions_persist_across_restart(local_fp32, tmp_path):
     db = tmp_path / "sessions.sqlite3"
-    with serve.Running(make_server(local_fp32, db)) as run:
+    with Running(make_server(local_fp32, db)) as run:
         status, _, first = request(run, "POST", "/v1/generate", {"prompt": "My name is Lin.", "max_new_tokens": 3},
                                    auth())
         assert status == 200
         sid = first["session_id"]
-    with serve.Running(make_server(local_fp32, db)) as run:      # a new process would see the same file
+    with Running(make_server(local_fp32, db)) as run:      # a new process would see the same file
         status, _, hist = request(run, "GET", f"/v1/sessions/{sid}", headers=auth())
         assert status == 200 and [m["role"] for m in hist["messages"]] == ["user", "assistant"]
         assert hist["messages"][1]["content"] == first["text"]
@@ -510,7 +510,7 @@ def test_checkpoint_serves_the_tiny_gpt_like_lesson_04_generates(tiny_checkpoint
         return tok.decode(tg.generate(ref_model, torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist())
 
     lm = load_tiny_gpt(ckpt)
-    with serve.Running(make_server(lm, tmp_path / "s.sqlite3", max_context=128)) as run:
+    with Running(make_server(lm, tmp_path / "s.sqlite3", max_context=128)) as run:
         client = openai.OpenAI(base_url=run.base_url, api_key=KEY, max_retries=0)
         model = "tiny-gpt-small"
         assert [m.id for m in client.models.list()] == [model, serve.EMBEDDING_MODEL]
