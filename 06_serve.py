@@ -31,40 +31,36 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
-import os
-import secrets
 import threading
 import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 from urllib.parse import parse_qs
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
 from common import loadtest
 from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int,
                         positive_int, setup_run)
 from common.errors import UserError, run_cli
-from common.outputs import save_results
 from common.sampling import sample_next_token
 # Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
 # 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
-from common.serving import (CHAT_ACCEPTED, ApiError, Auth, Metrics, RateLimiter, Running, Sessions, bind,
-                            embeddings_body, error_body, error_response, install_plumbing, make_uvicorn,
-                            reject_unsupported, settings_from_env, sse, text_of_content)
+# OpenAI 请求体的字段定义（ChatRequest 等）和把引擎线程的 token 变成文字片段的 Reply 也在那里。
+from common.serving import (CHAT_ACCEPTED, ApiError, Auth, ChatRequest, EmbeddingRequest, GenerateRequest, Metrics,
+                            RateLimiter, Reply, Sessions, bind, embeddings_body, error_body, error_response,
+                            install_plumbing, make_uvicorn, reject_unsupported, settings_from_env, sse,
+                            text_of_content)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
 EMBEDDING_MODEL = "text-embedding-all-minilm-l6-v2"     # /v1/embeddings：课程的 all-MiniLM-L6-v2（第 03 课）
-SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
-SEED = dict(ge=-2**63, le=2**64 - 1)        # torch.Generator.manual_seed 能接受的范围：超出就在 API 边界回 422
 
 
 # ================================================================ 第 1 部分：连续批处理引擎
@@ -345,110 +341,6 @@ class Engine:
 
 
 # ================================================================ 第 2 部分：服务器（FastAPI）
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
-    content: str | list[dict] | None = None      # 字符串，或 [{"type": "text", "text": "..."}, ...]
-
-
-class ChatRequest(BaseModel):
-    """OpenAI 的 /v1/chat/completions 请求体（本服务器支持的字段；不认识的字段回 400，见 common/serving.py 的 CHAT_ACCEPTED）。"""
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: dict | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, **SEED)
-    session_id: str | None = Field(None, pattern=SESSION_ID)   # 扩展：接着某个会话聊
-    ignore_eos: bool = False                                    # 扩展（vLLM 也有）：压测时固定生成长度
-
-
-class GenerateRequest(BaseModel):
-    """原教程自己的 /v1/generate：一句话进，一段话出，可带会话。"""
-    model_config = ConfigDict(extra="allow")
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1)
-    session_id: str | None = Field(None, pattern=SESSION_ID)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, **SEED)
-
-
-class EmbeddingRequest(BaseModel):
-    """OpenAI 的 /v1/embeddings 请求体。openai SDK 默认要 base64（小端 float32 的字节再 base64），省流量。"""
-    model_config = ConfigDict(extra="allow")
-    model: str
-    input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-class Reply:
-    """服务器这边的一个请求：把引擎线程送来的 token 变成文字片段（处理 stop 字符串和断开）。"""
-
-    def __init__(self, srv: "Server", job: Job, stops: list[str]):
-        self.srv, self.job, self.stops = srv, job, [s for s in stops if s]
-        self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job.on_event = lambda kind, value: loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        self.finish: str | None = None          # stop / length / cancelled / error / shutdown
-        self.text = ""
-
-    async def pieces(self, request: Request | None = None):
-        """逐段产出文字。request 给出时（非流式）另有一个任务等着客户端断开，断开就取消这个请求。"""
-        dec, sent = self.srv.lm.tokenizer.stream_decoder(), 0
-        hold = max((len(s) for s in self.stops), default=1) - 1   # 可能是 stop 开头的尾巴先不发
-        watcher = asyncio.create_task(self._watch(request)) if request is not None else None
-        try:
-            while True:
-                kind, value = await self.queue.get()
-                self.text += dec.feed(value) if kind == "token" else dec.flush()
-                cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-                if cut >= 0 or kind == "done":
-                    end = cut if cut >= 0 else len(self.text)
-                    self.text, self.finish = self.text[:end], "stop" if cut >= 0 else value
-                    if end > sent:
-                        yield self.text[sent:end]
-                    return
-                if len(self.text) - hold > sent:
-                    yield self.text[sent:len(self.text) - hold]
-                    sent = len(self.text) - hold
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            if self.job.finish_reason is None:        # 断开或命中 stop：让引擎立刻释放这一行
-                self.srv.engine.cancel(self.job)
-
-    async def _watch(self, request: Request) -> None:
-        """请求体读完以后，receive() 只会在客户端断开时返回 http.disconnect：断开了就取消生成。"""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.srv.engine.cancel(self.job)
-
-    async def wait(self, request: Request) -> None:
-        """非流式：等整个回答生成完（客户端断开就取消）；引擎出错或服务器关闭时抛出对应的 ApiError。"""
-        async for _ in self.pieces(request):
-            pass
-        if (failed := self.failure()) is not None:
-            raise failed
-
-    def failure(self) -> ApiError | None:
-        """引擎出错或服务器关闭时，这个请求该回的错误（OpenAI 的格式）；正常结束时为 None。"""
-        if self.finish == "error":
-            return ApiError(500, "生成时服务器内部出错，请重试", "server_error", "engine_error")
-        if self.finish == "shutdown":
-            return ApiError(503, "服务器正在关闭……请稍后重试", "server_error", "server_shutdown")
-        return None
-
-    def usage(self) -> dict:
-        p, c = len(self.job.prompt), len(self.job.generated)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
 class Server:
     """服务器的全部状态：模型 + 引擎、认证、限流、会话库、指标。"""
 
@@ -750,35 +642,9 @@ def serve_forever(args) -> None:
 
 # ================================================================ 第 4 部分：演示（--demo）
 def demo(args) -> int:
-    """进程内启动服务器（认证开启），用 common/loadtest.py 的导览和压测当客户端，最后解读并保存结果。"""
-    key, user = "sk-demo-" + secrets.token_urlsafe(16), ("student", secrets.token_urlsafe(12))
-    # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）
-    srv = make_server(args, auth=Auth([key], dict([user]), secrets.token_urlsafe(32), 30),
-                      session_db=args.out_dir / "demo_sessions.sqlite3")
-    print(f"[演示] 进程内启动服务器（认证开启：一个随机 API key 和用户 {user[0]}，都不打印）……")
-    t0 = time.perf_counter()
-    with Running(srv) as run:
-        facts = loadtest.tour(run, key, user, args.tour_tokens)
-        loadtest.banner(f"第 2 部分：压测——{','.join(map(str, args.clients))} 个并发流式客户端，每个发 "
-                        f"{args.requests_per_client} 个请求，每个请求 {max(1, args.load_tokens // 2)}～{args.load_tokens} 个 token")
-        print(f"同一台服务器、同一份引擎代码：'一次一个' = 引擎只用 KV 缓存的 1 行；'连续批处理' = 最多 "
-              f"{srv.engine.cache.batch} 行。KV 缓存预分配 {srv.engine.cache.nbytes_allocated() / 2**20:.0f} MB。")
-        load = loadtest.load_test(run, key, args.clients, args.requests_per_client, args.load_tokens, args.seed)
-        prompt_tokens = srv.metrics.registry.get_sample_value("llm_prompt_tokens_total")
-        load["prefix_cached_tokens"], load["prompt_tokens"] = srv.engine.prefix_hits, prompt_tokens
-        if srv.engine.prefix:
-            print(f"前缀缓存：本次 {prompt_tokens:.0f} 个提示词 token 里有 {srv.engine.prefix_hits} 个"
-                  f"（{srv.engine.prefix_hits / prompt_tokens:.0%}，开头的默认系统提示词）直接复制了缓存好的 K/V，不用重新预填充。")
-    weight_mb = sum(p.numel() * p.element_size() for p in srv.lm.model.parameters()) / 1e6 if args.dtype == "fp32" else None
-    findings = loadtest.report(load, weight_mb, args.dtype)
-    loadtest.plot(load, args.out_dir / "serve_load.png")
-    path = save_results(args.out_dir, {
-        "tour": facts, "load": load, **findings, "settings": {
-            "clients": args.clients, "requests_per_client": args.requests_per_client, "load_tokens": args.load_tokens,
-            "dtype": args.dtype, "max_batch": args.max_batch, "threads": torch.get_num_threads()},
-        "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"结果已保存：{path}（机器负载 {os.getloadavg()[0]:.2f}；别的程序占用 CPU 时数字会偏低）")
-    return 0
+    """进程内启动服务器（认证开启），用 common/loadtest.py 的导览和压测当客户端，最后解读并保存结果。
+    模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）。"""
+    return loadtest.demo(args, make_server)
 
 
 # ================================================================ 第 5 部分：命令行
