@@ -142,6 +142,7 @@ class Grammar:
         self.nodes: list[dict] = []
         self.refs: dict[str, int] = {}
         self.memo: dict[int, tuple] = {}
+        self.split_cache: dict[tuple, tuple] = {}   # Vocab.string_split 对带约束字符串帧的结果（帧里的节点号只在本语法有效）
         self.notes: list[str] = []             # 语法保证不了、要靠生成后校验的地方（oneOf 的"恰好一个"）
         cls = jsonschema.validators.validator_for(schema if isinstance(schema, dict) else {},
                                                   default=jsonschema.Draft202012Validator)
@@ -719,8 +720,8 @@ class Vocab:
         """技巧二：字符串内部几乎所有 token 都合法，逐个走太慢。把栈顶的字符串帧单独拿出来，下面垫一个哨兵帧 X，
         走一遍整棵树：没碰到哨兵就走完的 token 与栈的其余部分无关（永远合法），碰到哨兵的（含引号、要离开字符串的）
         才需要结合具体状态再判断。同一个字符串帧算一次终身复用。"""
-        key = (id(grammar), top) if top[0] in "TK" else top       # 带约束的帧含节点号：按语法区分
-        if key not in self._split:
+        cache = grammar.split_cache if top[0] in "TK" else self._split   # 带约束的帧含节点号：存在各自的语法里
+        if top not in cache:
             free, ctx, todo = [], [], [(0, frozenset({(("X",), top)}))]
             while todo:
                 node, st = todo.pop()
@@ -736,8 +737,8 @@ class Vocab:
                     todo.append((child, nst))
             mask = torch.zeros(self.n, dtype=torch.bool)
             mask[free] = True
-            self._split[key] = (mask, ctx)
-        return self._split[key]
+            cache[top] = (mask, ctx)
+        return cache[top]
 
     def tokens_below(self, node: int) -> list[int]:
         out, todo = [], [node]
