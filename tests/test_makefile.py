@@ -29,7 +29,7 @@ def help_targets() -> list[str]:
 
 def readme_line(target: str) -> str:
     lines = [ln for ln in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-             if re.match(rf"make {re.escape(target)}(\s|$)", ln)]
+             if re.match(rf"\| `make {re.escape(target)}[` ]", ln)]
     assert len(lines) == 1, f"README should show `make {target}` once, found {lines}"
     return lines[0]
 
@@ -47,7 +47,7 @@ def test_help_lists_every_target_and_each_exists():
 def test_dry_run_is_what_the_readme_says(target):
     line = readme_line(target)
     if target in ARGS:
-        assert line.startswith(" ".join(["make", target, *ARGS[target]]) + " ")
+        assert line.startswith("| `" + " ".join(["make", target, *ARGS[target]]) + "` |")
     commands = [c.strip() for c in make("-n", target, *ARGS.get(target, [])).stdout.splitlines() if c.strip()]
     assert commands
     for c in commands:
