@@ -37,12 +37,14 @@ import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import loadtest
@@ -61,6 +63,7 @@ from common.serving import (CHAT_ACCEPTED, ApiError, Auth, ChatRequest, Embeddin
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
 EMBEDDING_MODEL = "text-embedding-all-minilm-l6-v2"     # /v1/embeddings：课程的 all-MiniLM-L6-v2（第 03 课）
+STATIC_DIR = Path(__file__).resolve().parent / "static"   # 聊天页：GET / 和 /static/*
 
 
 # ================================================================ 第 1 部分：连续批处理引擎
@@ -575,6 +578,10 @@ async def delete_session(session_id: str, request: Request, who: str = Depends(c
     return {"id": session_id, "deleted": True}
 
 
+async def chat_page():
+    return FileResponse(STATIC_DIR / "chat.html")
+
+
 def build_app(srv: Server) -> FastAPI:
     """把上面的函数挂到路径上。lifespan：启动时加载模型，所有连接结束后停引擎、关数据库。
     install_plumbing：所有错误都按 OpenAI 的格式返回，每个请求都计数（common/serving.py）。"""
@@ -596,6 +603,9 @@ def build_app(srv: Server) -> FastAPI:
                               ("/v1/sessions/{session_id}", get_session, ["GET"]),
                               ("/v1/sessions/{session_id}", delete_session, ["DELETE"])]:
         app.add_api_route(path, fn, methods=methods)
+    # 聊天页（static/ 里的一个 HTML + JS + CSS，没有构建步骤）：公开路径，不在 /v1/ 下，所以不需要 key
+    app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
