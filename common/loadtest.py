@@ -315,7 +315,9 @@ def plot(load: dict, path) -> None:
     ax1.set(ylabel="aggregate tokens/s", title="Throughput")
     ax2.set(ylabel="seconds (log scale)", title="Time to first token", yscale="log")
     ax2.yaxis.set_major_formatter(FormatStrFormatter("%g"))   # 0.2, not 2×10⁻¹
-    ax2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    lo, hi = ax2.get_ylim()
+    if hi < 10 * lo:                                           # within one decade: label the minor ticks too
+        ax2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(counts))
