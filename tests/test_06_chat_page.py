@@ -21,6 +21,7 @@ import pytest
 
 from common.serving import Running
 from test_06_serve import JWT_SECRET, KEY, PASSWORD, USER, gauges, make_server, serve
+from test_06_serve import tiny_checkpoint  # noqa: F401  (fixture: lesson 04 trained for a few steps)
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +187,25 @@ def test_html_in_a_reply_is_shown_as_text(page):
     assert page.locator(".msg.user .text").inner_text() == "<i>hi</i>"
     assert page.locator("#messages img, #messages script, #messages b, #messages i").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+def test_page_works_with_a_lesson_04_checkpoint(browser, tiny_checkpoint, tmp_path):
+    """The same page, unchanged, on a server running lesson 04's tiny GPT (`06_serve.py --checkpoint`)."""
+    from common.exported import load_tiny_gpt
+
+    tg, ckpt = tiny_checkpoint
+    with Running(make_server(load_tiny_gpt(ckpt), tmp_path / "s.sqlite3", max_context=128)) as run:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.add_init_script(f"sessionStorage.setItem('llm-course-api-key', {json.dumps(KEY)})")
+        pg.goto(run.base_url.removesuffix("/v1") + "/")
+        pg.wait_for_function("document.querySelector('#model').options.length > 0")
+        assert pg.locator("#model option").all_inner_texts() == ["tiny-gpt-small"]
+        fill(pg, 24)
+        pg.fill("#input", "ROMEO:")
+        pg.press("#input", "Enter")
+        pg.wait_for_selector(".msg.assistant .stats", timeout=120_000)
+        assert "24 个 token" in last_reply(pg).locator(".stats").inner_text()
+        assert last_reply(pg).locator(".text").inner_text().strip()
+        ctx.close()
+
