@@ -1,7 +1,7 @@
 """The documentation is part of the product, so it is tested.
 
 What is checked (README.md and every docs/*.md):
-  * every command line ``python 0N_x.py ...`` (also ``.venv/bin/python``, ``.venv\\Scripts\\python``,
+  * every command line ``python NN_x.py ...`` (also ``.venv/bin/python``, ``.venv\\Scripts\\python``,
     ``python3``), in fenced code blocks or inline code, names a script that exists and uses only
     flags (and choice values) that the script's own ``--help`` lists;
   * the distinct commands that contain ``--quick`` are run (repo root as cwd, outputs in a temp dir,
@@ -10,7 +10,7 @@ What is checked (README.md and every docs/*.md):
     with a line range (``common/llama.py#L43-L54``) point inside the file, and every identifier
     written in backticks in the link text occurs in those lines;
   * the README's test command is byte-for-byte the command that .ci/run executes;
-  * every lesson doc docs/0[1-9]_*.md has an exercises ("练习") and a self-check ("自测") section;
+  * every lesson doc docs/NN_*.md (not 00) has an exercises ("练习") and a self-check ("自测") section;
   * the model-config table in docs/00_llm_fundamentals.md matches the real model (config read from
     the GGUF file, parameter count and KV-cache bytes computed from the loaded model);
   * ``python -m common.check`` exits 0.
@@ -73,10 +73,10 @@ def split_markdown(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, st
 
 # --------------------------------------------------------------------------- commands in the docs
 # any python launcher, optionally with a path in front: python, python3, py, .venv/bin/python, .venv\Scripts\python.exe
-CMD_RE = re.compile(r"(?:^|[\s;&|(])(?:[^\s`'\"]*[/\\])?(?:python3?|py)(?:\.exe)?\s+(0\d_[A-Za-z0-9_]+\.py)\b(.*)$")
-SCRIPT_NAME_RE = re.compile(r"\b0\d_[A-Za-z0-9_]+\.py\b")
+CMD_RE = re.compile(r"(?:^|[\s;&|(])(?:[^\s`'\"]*[/\\])?(?:python3?|py)(?:\.exe)?\s+(\d\d_[A-Za-z0-9_]+\.py)\b(.*)$")
+SCRIPT_NAME_RE = re.compile(r"\b\d\d_[A-Za-z0-9_]+\.py\b")
 # inline code that is just "<script> --flags" (e.g. `04_tiny_gpt.py --grad-clip`) is checked like a command too
-BARE_CMD_RE = re.compile(r"^\s*(0\d_[A-Za-z0-9_]+\.py)\s+(-.*)$")
+BARE_CMD_RE = re.compile(r"^\s*(\d\d_[A-Za-z0-9_]+\.py)\s+(-.*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,9 +389,9 @@ def section_items(text: str, word: str) -> tuple[bool, int]:
     return False, 0
 
 
-@pytest.mark.parametrize("n", sorted(int(p.name[:2]) for p in DOCS_DIR.glob("0[1-9]_*.md")))
+@pytest.mark.parametrize("n", sorted(int(p.name[:2]) for p in DOCS_DIR.glob("[0-9][0-9]_*.md") if p.name[:2] != "00"))
 def test_lesson_doc_has_exercises_and_self_check(n):
-    found = sorted(DOCS_DIR.glob(f"0{n}_*.md"))
+    found = sorted(DOCS_DIR.glob(f"{n:02d}_*.md"))
     assert found, f"第 {n} 课的讲解 docs/0{n}_*.md 不存在"
     for doc in found:
         text = doc.read_text(encoding="utf-8")
