@@ -50,7 +50,7 @@ BAD_FLAGS = [
     ("08_dpo.py", ["--sft-steps", "-1"]),
     ("08_dpo.py", ["--heldout", "/no/such/file.json"]),
     ("09_grpo.py", ["--quick", "--seed", "x"]),
-    ("09_grpo.py", ["--group-size", "0"]),
+    ("09_grpo.py", ["--group", "0"]),
     ("10_quantize.py", ["--quick", "--seed", "x"]),
     ("11_moe.py", ["--quick", "--seed", "x"]),
     ("11_moe.py", ["--experts", "0"]),
