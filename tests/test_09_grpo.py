@@ -14,17 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.llama import Llama, LlamaConfig
+from common.llama import Llama
 from common.lora import adapters_disabled, inject_lora, lora_modules
+from test_08_dpo import tiny_model  # the same tiny random Llama as lesson 08's tests
 
 REPO = Path(__file__).resolve().parents[1]
 L9 = importlib.import_module("09_grpo")
-TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
-
-
-def tiny_model(seed=0) -> Llama:
-    torch.manual_seed(seed)
-    return Llama(TINY).eval()
 
 
 def with_lora(base: Llama, rank=4, random_b=False) -> Llama:
