@@ -2,7 +2,7 @@
 
 你将学到：
   1. 奖励就是程序：任务 A 用第 08 课的检查器（简洁回答 + 一个简短追问），任务 B 是两位数加减法（答案唯一，
-     格式 "Answer: <数字>"），奖励 = 格式 + 正确；训练时不需要任何示范回答，也不需要偏好对；
+     格式 "88 - 69 = <数字>"），奖励 = 格式 + 正确；训练时不需要任何示范回答，也不需要偏好对；
   2. GRPO：每个问题采样一组 G 个回答，优势 = (奖励 − 组内平均) / (组内标准差 + ε)，全组奖励相同的组优势为 0；
      只在回答 token 上算带裁剪比值的策略梯度损失，再加 β × KL(策略 ‖ 参考)（k3 估计）；
      参考模型 = 同一个模型把 LoRA 适配器关掉（和第 08 课一样）；
@@ -16,7 +16,7 @@
 常用命令：
   python 09_grpo.py --quick                  # 快速体验：每个任务训练几步
   python 09_grpo.py                          # 完整一课：任务 A（基座/SFT/GRPO）+ 任务 B（基座/GRPO）
-  python 09_grpo.py --beta 0 --loose-reward  # 练习：不要 KL、奖励只看格式——看奖励被"钻空子"
+  python 09_grpo.py --beta 0 --loose-reward  # 不要 KL、奖励只看格式——看奖励被"钻空子"（例子和中性困惑度）
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ NAME = "09_grpo"
 DATA_A, DATA_B = REPO_ROOT / "data" / "dpo", REPO_ROOT / "data" / "grpo"
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]   # 和第 08 课一样：LoRA 注入全部 7 种线性层
 ALPHA_OVER_RANK = 2.0
-ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)\.?")
 METRICS = ["reward", "pass_rate", "zero_adv_frac", "kl", "length", "entropy"]
 
 
@@ -65,14 +64,16 @@ def reward_a(tok, prompt: str, ids: list[int], max_new: int, loose: bool = False
     return 0.1 * short + 0.1 * finished + 0.1 * ends_q, False, why
 
 
-def reward_b(row: dict, text: str) -> tuple[float, bool, str]:
-    """任务 B：奖励 = 格式 + 正确。格式：整段就是 "Answer: <整数>" 得 0.5，只是提到 "Answer:" 得 0.25；
-    正确：回答里最后一个整数等于答案得 1.0。返回 (奖励, 是否答对, 原因)；"答对"要求格式和数字都对（报告的准确率）。"""
-    strict = ANSWER_RE.fullmatch(text.strip())
-    fmt = 0.5 if strict else 0.25 * ("Answer:" in text)
+def reward_b(row: dict, text: str, loose: bool = False) -> tuple[float, bool, str]:
+    """任务 B：奖励 = 格式 + 正确。格式：整段就是算式 "<a> <运算> <b> = <整数>"（题目里的两个数）得 0.5，
+    回答里含有这个算式但还有别的话得 0.25；正确：回答里最后一个整数等于答案得 1.0。
+    loose=True：只看格式，数字对不对不给分（会被钻空子）。返回 (奖励, 是否答对, 原因)；"答对"要求格式和数字都对。"""
+    eq = re.compile(rf"{row['a']}\s*{re.escape(row['op'])}\s*{row['b']}\s*=\s*(-?\d+)\.?")
+    strict = eq.fullmatch(text.strip())
+    fmt = 0.5 if strict else 0.25 * bool(eq.search(text))
     right = lenient_correct(row, text)
     why = PASS if strict and right else "格式对，数字错" if strict else "数字对，格式不对" if right else "格式和数字都不对"
-    return fmt + 1.0 * right, bool(strict and right), why
+    return fmt + (0.0 if loose else 1.0 * right), bool(strict and right), why
 
 
 def lenient_correct(row: dict, text: str) -> bool:
@@ -119,7 +120,8 @@ def token_logprobs(model, prompts, responses):
 # 3. 一步 GRPO：采样一组 → 打分 → 组内优势 → 一步梯度
 # ---------------------------------------------------------------------------
 def grpo_step(model, opt, prompts: list[list[int]], score, a, seed: int, stop_ids, end_id: int) -> dict:
-    """score(i, ids) → (奖励, 是否通过)，i 是第几个问题。返回这一步要看的数和三段用时（秒）。"""
+    """score(i, ids) → (奖励, 是否通过, 是否"钻空子")，i 是第几个问题。"钻空子" = 宽松奖励给了满分、检查器却判不通过。
+    返回这一步要看的数、三段用时（秒）、以及最多 2 个钻空子的采样 (第几个问题, ids, 奖励)。"""
     t0 = time.perf_counter()
     samples = sample_k(model, prompts, a.group, a.max_new_tokens, temperature=a.temperature, seed=seed,
                        stop_ids=stop_ids, batch=a.gen_batch)
@@ -129,7 +131,9 @@ def grpo_step(model, opt, prompts: list[list[int]], score, a, seed: int, stop_id
     adv = group_advantages(rewards)
     t2 = time.perf_counter()
     live = [(i, j) for i in range(len(prompts)) for j in range(a.group) if adv[i].abs().sum() > 0]
-    st = {"reward": rewards.mean().item(), "pass_rate": sum(s[1] for row in scored for s in row) / rewards.numel(),
+    flat = [(i, o, s) for i, outs in enumerate(samples) for o, s in zip(outs, scored[i])]
+    st = {"reward": rewards.mean().item(), "pass_rate": sum(s[1] for *_, s in flat) / rewards.numel(),
+          "gamed": sum(s[2] for *_, s in flat) / rewards.numel(), "hacks": [(i, o, s[0]) for i, o, s in flat if s[2]][:2],
           "zero_adv_frac": 1 - len({i for i, _ in live}) / len(prompts),
           "length": sum(len(o) for outs in samples for o in outs) / rewards.numel(), "kl": None, "entropy": None,
           "loss": 0.0}            # kl / entropy 只在有梯度的步上算：None = 这一步跳过了
@@ -170,8 +174,8 @@ def train_grpo(model, prompts: list[list[int]], make_score, a, label: str, path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     order = prompt_order(len(prompts), a.steps, a.prompts_per_step, a.seed)
-    hist = {k: [] for k in METRICS + ["t_generate", "t_score", "t_backward"]}
-    losses, first, t0, cut = [], None, time.perf_counter(), False
+    hist = {k: [] for k in METRICS + ["gamed", "t_generate", "t_score", "t_backward"]}
+    losses, first, t0, cut, hacks = [], None, time.perf_counter(), False, []
     bar = tqdm(range(a.steps), desc=label, ncols=90, file=sys.stdout)
     for step in bar:
         idx = order[step * a.prompts_per_step:(step + 1) * a.prompts_per_step]
@@ -181,6 +185,7 @@ def train_grpo(model, prompts: list[list[int]], make_score, a, label: str, path:
             require(st["kl"] in (0.0, None), f"第 1 步的 KL 应恰好为 0（策略 = 参考），实际 {st['kl']}：参考模型不是关掉适配器的同一个模型？")
             first = {**st, "idx": idx}
         losses.append(st["loss"])
+        hacks += [(step + 1, idx[i], ids, r) for i, ids, r in st["hacks"]]
         for k in hist:
             hist[k].append(st[k])
         bar.set_postfix(reward=f"{st['reward']:.2f}", passed=f"{st['pass_rate']:.2f}")
@@ -193,6 +198,7 @@ def train_grpo(model, prompts: list[list[int]], make_score, a, label: str, path:
         print(f"  ！！！注意：到达时间预算 {a.time_budget:g} 分钟，{label} 只训练了 {len(losses)}/{a.steps} 步。")
     rec = train_record(losses, a.steps, cut, time.perf_counter() - t0, sum(p.numel() for p in params), history=hist)
     rec["time_split"] = {k: sum(hist[k]) for k in ("t_generate", "t_score", "t_backward")}
+    rec["hacks"] = hacks[-6:]          # 最后几个"钻空子"的采样：(第几步, 第几个训练问题, ids, 奖励)
     return rec, first
 
 
@@ -275,7 +281,7 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=positive_float, default=0.2, help="PPO 式裁剪的 ε")
     g.add_argument("--lr", type=positive_float, default=3e-4, help="LoRA 学习率（SFT 和 GRPO 用同一个）")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
-    g.add_argument("--loose-reward", action="store_true", help="任务 A 的奖励只看格式、不管复述（演示奖励被钻空子）")
+    g.add_argument("--loose-reward", action="store_true", help="奖励只看格式：任务 A 不管复述，任务 B 不管数字对不对（演示奖励被钻空子）")
     add_knob(g, "--eval-n", type=positive_int, default=64, quick=8, help="每个任务用几条留出问题评估")
     add_knob(g, "--time-budget", type=positive_float, default=8.0, quick=1.0, help="每次训练的时间上限（分钟），只是安全上限")
     add_max_new_tokens(p, 48, "任务 A 每条回答最多生成多少个新 token（任务 B 固定 12 个）")
@@ -285,10 +291,9 @@ def parse_args(argv=None):
 
 
 def load_data(tok, a) -> dict:
-    train_a = read_json(DATA_A / "train.json", "任务 A 数据", "请先运行 python data/dpo/make_dataset.py。")
-    held_a = read_json(DATA_A / "heldout.json", "任务 A 数据", "请先运行 python data/dpo/make_dataset.py。")
-    train_b = read_json(DATA_B / "train.json", "任务 B 数据", "请先运行 python data/grpo/make_problems.py。")
-    held_b = read_json(DATA_B / "heldout.json", "任务 B 数据", "请先运行 python data/grpo/make_problems.py。")
+    (train_a, held_a), (train_b, held_b) = [
+        [read_json(d / f, f"任务 {t} 数据", f"请先运行 python {gen}。") for f in ("train.json", "heldout.json")]
+        for d, t, gen in ((DATA_A, "A", "data/dpo/make_dataset.py"), (DATA_B, "B", "data/grpo/make_problems.py"))]
     if {r["prompt"] for r in train_a} & {r["prompt"] for r in held_a} or \
             {r["prompt"] for r in train_b} & {r["prompt"] for r in held_b}:
         raise UserError("训练问题和留出问题有重复：留出评估就不公平了。")
@@ -300,12 +305,26 @@ def load_data(tok, a) -> dict:
             "sft": [(enc(r), tok.encode(r["chosen"]) + [tok.im_end]) for r in train_a]}
 
 
-def show_first_step(first: dict, rows, tok, label: str) -> None:
-    """第 1 步时适配器的 B = 0，策略就是基座：这一步的采样就是"基座模型采样时多常通过"。"""
+def with_gamed(res: tuple, full: float) -> tuple[float, bool, bool]:
+    """(奖励, 是否通过, 原因) → (奖励, 是否通过, 是否钻空子)：没通过检查器，却拿到了通过才有的奖励 full。"""
+    r, ok, _ = res
+    return r, ok, not ok and r >= full
+
+
+def grpo_run(base, tok, data, a, rows, ids, score, task: str, path: Path) -> dict:
+    """一次 GRPO：训练 → 第 1 步的采样 → 留出评估。score(row, ids) → (奖励, 是否通过, 是否钻空子)。
+    第 1 步时适配器的 B = 0，策略就是基座：这一步的采样就是"基座模型采样时多常通过"。"""
+    pol = fresh_policy(base, a)
+    tr, first = train_grpo(pol, ids, lambda idx: lambda i, o: score(rows[idx[i]], o), a, f"GRPO-{task}", path)
+    print(training_facts(tr))
     print(f"  第 1 步（策略 = 基座）：采样回答的平均奖励 {first['reward']:.2f}，通过率 {first['pass_rate']:.1%}，"
-          f"优势全为 0 的组 {first['zero_adv_frac']:.0%}。{label}一组里的几个回答：")
-    for i, ids, r, adv in first["examples"][:4]:
-        print(f"    奖励 {r:.2f} 优势 {adv:+.2f}：{tok.decode(ids).strip()!r}")
+          f"优势全为 0 的组 {first['zero_adv_frac']:.0%}。一组里的几个回答：")
+    for i, o, r, adv in first["examples"][:4]:
+        print(f"    奖励 {r:.2f} 优势 {adv:+.2f}：{tok.decode(o).strip()!r}")
+    hacks = [{"step": s, "prompt": rows[i]["prompt"], "answer": tok.decode(o).strip(), "reward": r}
+             for s, i, o, r in tr.pop("hacks")]
+    return {**evaluate(pol, tok, data, a, f"GRPO 任务 {task}", task), "train": tr, "hacks": hacks,
+            "base_sampled": {k: first[k] for k in ("reward", "pass_rate", "zero_adv_frac")}}
 
 
 def run_task_a(base, tok, data, a, stage: Path, runs: dict) -> None:
@@ -316,32 +335,19 @@ def run_task_a(base, tok, data, a, stage: Path, runs: dict) -> None:
     print(training_facts(tr))
     runs["sft"] = {**evaluate(sft, tok, data, a, "SFT", "A"), "train": tr}
     del sft
-    rows, ids = data["train_a"], data["train_a_ids"]
-
-    def make_score(idx):
-        return lambda i, o: reward_a(tok, rows[idx[i]]["prompt"], o, a.max_new_tokens, a.loose_reward)[:2]
-    pol = fresh_policy(base, a)
-    tr, first = train_grpo(pol, ids, make_score, a, "GRPO-A", stage / "adapter_grpo_a.safetensors")
-    print(training_facts(tr))
-    show_first_step(first, rows, tok, "")
-    runs["grpo_a"] = {**evaluate(pol, tok, data, a, "GRPO 任务 A", "A"), "train": tr,
-                      "base_sampled": {k: first[k] for k in ("reward", "pass_rate", "zero_adv_frac")}}
+    score = lambda row, o: with_gamed(reward_a(tok, row["prompt"], o, a.max_new_tokens, a.loose_reward), 1.0)
+    runs["grpo_a"] = grpo_run(base, tok, data, a, data["train_a"], data["train_a_ids"], score, "A",
+                              stage / "adapter_grpo_a.safetensors")
 
 
 def run_task_b(base, tok, data, a, stage: Path, runs: dict) -> None:
     print(f"\n== 3. 任务 B：两位数加减法，GRPO {a.steps_b} 步 × {a.prompts_per_step} 题 × G={a.group} ==")
-    rows, ids = data["train_b"], data["train_b_ids"]
-
-    def make_score(idx):
-        return lambda i, o: reward_b(rows[idx[i]], tok.decode(o).strip())[:2]
-    pol = fresh_policy(base, a)
+    full = 0.5 if a.loose_reward else 1.5          # 通过的回答能拿的奖励：宽松时只有格式分
+    score = lambda row, o: with_gamed(reward_b(row, tok.decode(o).strip(), a.loose_reward), full)
     a_b = copy.copy(a)
     a_b.max_new_tokens, a_b.steps = a.max_new_b, a.steps_b
-    tr, first = train_grpo(pol, ids, make_score, a_b, "GRPO-B", stage / "adapter_grpo_b.safetensors")
-    print(training_facts(tr))
-    show_first_step(first, rows, tok, "")
-    runs["grpo_b"] = {**evaluate(pol, tok, data, a, "GRPO 任务 B", "B"), "train": tr,
-                      "base_sampled": {k: first[k] for k in ("reward", "pass_rate", "zero_adv_frac")}}
+    runs["grpo_b"] = grpo_run(base, tok, data, a_b, data["train_b"], data["train_b_ids"], score, "B",
+                              stage / "adapter_grpo_b.safetensors")
 
 
 def main(argv=None):
@@ -363,7 +369,8 @@ def main(argv=None):
           f"留出 {len(data['held_a'])} 个；奖励 = 检查器通过 1，否则按检查器的部分给部分分（≤ 0.3：第一句短、写完、以问号结尾）"
           f"{'；--loose-reward：只看格式' if a.loose_reward else ''}。")
     print(f"任务 B：{len(data['train_b'])} 道训练题，留出 {len(data['held_b'])} 道；"
-          f"奖励 = 格式（\"Answer: <整数>\" 0.5，提到 Answer: 0.25）+ 数字对 1.0。例子：{data['train_b'][0]['prompt']!r}")
+          f"奖励 = 格式（整段是算式 \"a op b = <整数>\" 0.5，含有这个算式 0.25）+ 数字对 1.0"
+          f"{'；--loose-reward：只看格式' if a.loose_reward else ''}。例子：{data['train_b'][0]['prompt']!r}")
     runs = {"base": evaluate(base, tok, data, a, "基座")}
     for i in range(2):
         print(f"    A：{data['held_a'][i]['prompt']!r} → {runs['base']['A']['outputs'][i]!r}"
@@ -402,6 +409,7 @@ def report(runs: dict, data: dict, a, stage: Path, out: Path, seconds: float) ->
         rows.append([key[-1].upper(), f"{t['t_generate']:.1f}", f"{t['t_score']:.2f}", f"{t['t_backward']:.1f}",
                      f"{t['t_generate'] / max(1e-9, sum(t.values())):.0%}"])
     print(table(rows))
+    hacking = report_hacking(runs, a)
     files = [plot_training(runs, stage / "training.png").name] + [f.name for f in stage.glob("adapter_*.safetensors")]
     for name in files:
         (stage / name).replace(out / name)
@@ -412,12 +420,32 @@ def report(runs: dict, data: dict, a, stage: Path, out: Path, seconds: float) ->
         "lenient_accuracy": {"base": b["B"]["lenient_accuracy"], "grpo": gb["B"]["lenient_accuracy"]},
         "neutral_ppl": {k: m["neutral_ppl"] for k, m in runs.items()},
         "time_split": {k: runs[k]["train"]["time_split"] for k in ("grpo_a", "grpo_b")},
-        "runs": runs, "total_seconds": seconds}, run_args=a, files=files,
+        "reward_hacking": hacking, "runs": runs, "total_seconds": seconds}, run_args=a, files=files,
         may_write=["training.png", "adapter_sft.safetensors", "adapter_grpo_a.safetensors", "adapter_grpo_b.safetensors"])
     print(f"\n结果：{res}、{out / 'training.png'}（总用时 {seconds:.0f} 秒）")
 
 
-TITLES = {"reward": "mean reward of the samples", "pass_rate": "pass rate of the samples (binary checker)",
+def report_hacking(runs: dict, a) -> dict:
+    """奖励被钻空子：训练时的采样里"拿到了通过才有的奖励、检查器却判不通过"的比例和例子；
+    中性文本困惑度（和基座比）是护栏。只用严格奖励时这种采样按定义不存在（比例全是 0）。"""
+    res, rows = {"loose_reward": a.loose_reward, "beta": a.beta}, [["任务", "钻空子的采样：第 1 步 → 最后 4 步",
+                                                                  "留出：基座 → GRPO（检查器）", "中性困惑度（对基座）"]]
+    for task, key, metric in (("A", "grpo_a", "pass_rate"), ("B", "grpo_b", "accuracy")):
+        m, g = runs[key], runs[key]["train"]["history"]["gamed"]
+        ppl = m["neutral_ppl"] / runs["base"]["neutral_ppl"] - 1
+        res[task] = {"gamed_rate": g, "examples": m["hacks"], "neutral_ppl_change": ppl}
+        rows.append([task, f"{g[0]:.0%} → {sum(g[-4:]) / len(g[-4:]):.0%}",
+                     f"{runs['base'][task][metric]:.1%} → {m[task][metric]:.1%}", f"{m['neutral_ppl']:.2f}（{ppl:+.1%}）"])
+    if a.loose_reward:
+        print(f"\n奖励被钻空子（--loose-reward，β = {a.beta:g}）：宽松奖励给了满分、检查器判不通过的训练采样")
+        print(table(rows))
+        for task in "AB":
+            for e in res[task]["examples"][-3:]:
+                print(f"  {task} 第 {e['step']} 步 奖励 {e['reward']:.2f}：{e['prompt'][:50]!r} → {e['answer']!r}")
+    return res
+
+
+TITLES = {"reward": "mean reward of the samples", "pass_rate": "pass rate of the samples (dashed: gamed)",
           "zero_adv_frac": "groups with all-equal rewards (no signal)", "kl": "KL to reference (k3, per token)",
           "length": "mean response length (tokens)", "entropy": "entropy per response token (nats)"}
 
@@ -430,6 +458,8 @@ def plot_training(runs: dict, path: Path) -> Path:
         for x, k in zip(ax.flat, METRICS):
             ys = [float("nan") if v is None else v for v in h[k]]      # None：这一步全部组优势为 0，没算
             x.plot(range(1, len(ys) + 1), ys, color=color, marker=".", label=label)
+        if any(h["gamed"]):        # 钻空子的采样占比（虚线，画在通过率的面板上）
+            ax.flat[1].plot(range(1, len(h["gamed"]) + 1), h["gamed"], color=color, ls="--", label=f"{label}: gamed")
     for x, k in zip(ax.flat, METRICS):
         x.set(xlabel="GRPO step", ylabel=k, title=TITLES[k])
         x.grid(alpha=0.3)

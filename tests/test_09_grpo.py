@@ -126,9 +126,10 @@ def test_reference_with_adapters_off_is_bitwise_the_base_model():
 
 # ------------------------------------------------------------------ one GRPO step on the tiny model
 def count_score(i, ids):
-    """A made-up verifiable reward: how many even token ids the answer has (passed = at least 3)."""
+    """A made-up verifiable reward: how many even token ids the answer has (passed = at least 3; gamed = exactly 2,
+    as if a loose reward paid for it)."""
     even = sum(t % 2 == 0 for t in ids)
-    return float(even), even >= 3
+    return float(even), even >= 3, even == 2
 
 
 def one_step(seed=7, score=count_score, **kw):
@@ -146,7 +147,7 @@ def test_seeded_grpo_step_is_reproducible_and_first_step_kl_is_zero():
     m2, s2 = one_step()
     assert s1["zero_adv_frac"] < 1 and s1["loss"] != 0.0
     assert s1["kl"] == 0.0                                       # B = 0 before the step: policy == reference
-    for k in ("reward", "pass_rate", "zero_adv_frac", "length", "entropy", "loss", "examples"):
+    for k in ("reward", "pass_rate", "gamed", "hacks", "zero_adv_frac", "length", "entropy", "loss", "examples"):
         assert s1[k] == s2[k]
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
@@ -154,8 +155,22 @@ def test_seeded_grpo_step_is_reproducible_and_first_step_kl_is_zero():
     assert s3["examples"] != s1["examples"]
 
 
+def test_step_counts_gamed_samples_and_keeps_two_of_them():
+    seen = []
+
+    def score(i, ids):                                           # here "gamed" = every answer that fails
+        seen.append((i, list(ids)))
+        return count_score(i, ids)[0], count_score(i, ids)[1], not count_score(i, ids)[1]
+    _, st = one_step(score=score)
+    flags = [not count_score(i, o)[1] for i, o in seen]
+    assert len(seen) == 8 and 2 < sum(flags) < 8                 # 2 prompts x group 4: more gamed than are kept
+    assert st["gamed"] == sum(flags) / 8
+    assert [(i, list(o)) for i, o, _ in st["hacks"]] == [s for s, f in zip(seen, flags) if f][:2]
+    assert all(r == count_score(i, o)[0] for i, o, r in st["hacks"])
+
+
 def test_all_equal_groups_give_no_update():
-    model, st = one_step(score=lambda i, ids: (1.0, True))
+    model, st = one_step(score=lambda i, ids: (1.0, True, False))
     assert st["zero_adv_frac"] == 1.0 and st["loss"] == 0.0
     assert all(torch.equal(m.B, torch.zeros_like(m.B)) for m in lora_modules(model).values())
 
@@ -184,13 +199,43 @@ def test_reward_a_is_one_exactly_when_the_checker_passes_and_loose_reward_pays_f
 
 
 def test_reward_b_format_plus_correctness():
-    row = {"answer": 19}
-    assert L9.reward_b(row, "Answer: 19")[:2] == (1.5, True)
-    assert L9.reward_b(row, "Answer: 18")[:2] == (0.5, False)
-    assert L9.reward_b(row, "88 - 69 = 19")[:2] == (1.0, False)
-    assert L9.reward_b(row, "The Answer: is 19 I think")[:2] == (1.25, False)
-    assert L9.reward_b(row, "88 - 69 = 18")[:2] == (0.0, False)
+    row = {"a": 88, "op": "-", "b": 69, "answer": 19}
+    assert L9.reward_b(row, "88 - 69 = 19")[:2] == (1.5, True)
+    assert L9.reward_b(row, "88-69=19.")[:2] == (1.5, True)
+    assert L9.reward_b(row, "88 - 69 = 18")[:2] == (0.5, False)
+    assert L9.reward_b(row, "The answer is 19")[:2] == (1.0, False)
+    assert L9.reward_b(row, "To solve 88 - 69 = 19, subtract")[:2] == (1.25, False)
+    assert L9.reward_b(row, "The answer is 18")[:2] == (0.0, False)
+    assert L9.reward_b(row, "88 + 69 = 19")[:2] == (1.0, False)          # the equation must be the one asked
+    assert L9.reward_b(row, "Answer: 19")[:2] == (1.0, False)            # the old format is no longer the format
     assert L9.lenient_correct(row, "88 - 69 = 19") and not L9.lenient_correct(row, "19 and 20")
+
+
+def test_loose_rewards_pay_full_marks_for_gamed_answers_and_strict_ones_never_do():
+    row = {"a": 88, "op": "-", "b": 69, "answer": 19}
+    # task B, loose: only the format counts, so a well-formed wrong equation earns what a right one earns
+    assert L9.with_gamed(L9.reward_b(row, "88 - 69 = 18", loose=True), 0.5) == (0.5, False, True)
+    assert L9.with_gamed(L9.reward_b(row, "88 - 69 = 19", loose=True), 0.5) == (0.5, True, False)
+    assert L9.with_gamed(L9.reward_b(row, "The answer is 19", loose=True), 0.5) == (0.0, False, False)
+    for text in ("88 - 69 = 18", "To solve 88 - 69 = 19, subtract", "The answer is 19", "88 - 69 = 19"):
+        assert not L9.with_gamed(L9.reward_b(row, text), 1.5)[2]
+    # task A, loose: an answer that echoes the user's question scores 1, the checker says no
+    prompt, echo = "How do I keep basil alive indoors?", "You should keep it alive. How do I keep basil alive indoors?"
+    assert L9.with_gamed(L9.reward_a(FakeTok(echo), prompt, [1] * 15, 48, loose=True), 1.0) == (1.0, False, True)
+    assert not L9.with_gamed(L9.reward_a(FakeTok(echo), prompt, [1] * 15, 48), 1.0)[2]
+
+
+def test_report_hacking_keeps_examples_and_the_perplexity_guard(capsys):
+    hist = lambda g: {"train": {"history": {"gamed": g}}}
+    ex = [{"step": 3, "prompt": "What is 88 - 69? ...", "answer": "88 - 69 = 18", "reward": 0.5}]
+    runs = {"base": {"neutral_ppl": 20.0, "A": {"pass_rate": 0.0}, "B": {"accuracy": 0.1}},
+            "grpo_a": {**hist([0.0, 0.0]), "hacks": [], "neutral_ppl": 21.0, "A": {"pass_rate": 0.0}},
+            "grpo_b": {**hist([0.1, 0.5, 0.75]), "hacks": ex, "neutral_ppl": 25.0, "B": {"accuracy": 0.05}}}
+    res = L9.report_hacking(runs, argparse.Namespace(loose_reward=True, beta=0.0))
+    assert res["B"]["examples"] == ex and res["A"]["examples"] == [] and res["B"]["gamed_rate"] == [0.1, 0.5, 0.75]
+    assert res["B"]["neutral_ppl_change"] == pytest.approx(0.25) and res["A"]["neutral_ppl_change"] == pytest.approx(0.05)
+    out = capsys.readouterr().out
+    assert "88 - 69 = 18" in out and "+25.0%" in out
 
 
 def test_task_b_files_are_what_the_seeded_generator_writes(tmp_path):
@@ -214,6 +259,9 @@ def test_quick_run(lesson_runs):
     assert run.returncode == 0, run.explain()
     res = run.results("09_grpo")
     assert set(res["pass_rate"]) == {"base", "sft", "grpo"} and set(res["accuracy"]) == {"base", "grpo"}
+    hack = res["reward_hacking"]                                     # strict rewards: nothing can be "gamed"
+    assert hack["loose_reward"] is False and hack["A"]["examples"] == hack["B"]["examples"] == []
+    assert not any(hack["A"]["gamed_rate"] + hack["B"]["gamed_rate"])
     assert all(0 <= v <= 1 for v in [*res["pass_rate"].values(), *res["accuracy"].values()])
     for key in ("grpo_a", "grpo_b"):
         t = res["time_split"][key]

@@ -12,7 +12,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 9
 N_TRAIN, N_HELDOUT = 256, 64
-TEMPLATE = "What is {a} {op} {b}? Reply with just the line: Answer: <number>"
+# 答案格式：把算式写完整。基座模型自己常这么写（在训练题上采样时约 10% 是这个格式），"Answer: <数字>" 它从来不写
+TEMPLATE = "What is {a} {op} {b}? Reply with just the equation: {a} {op} {b} = <number>"
 
 
 def problem(rng: random.Random) -> dict:
