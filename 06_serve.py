@@ -39,26 +39,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import parse_qs
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import loadtest
+from common import structured_serving as structured
 from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int,
                         positive_int, setup_run)
 from common.errors import UserError, run_cli
 from common.sampling import sample_next_token
-# Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行）
-# 是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
-# OpenAI 请求体的字段定义（ChatRequest 等）和把引擎线程的 token 变成文字片段的 Reply 也在那里。
+# Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行、
+# /healthz /readyz /metrics /oauth/token）是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）
+# 和 OpenAI 兼容的路由（第 2 部分）。请求体的字段定义（ChatRequest 等）和把 token 变成文字片段的 Reply 也在那里；
+# response_format / tools 的解析和回答形状在 common/structured_serving.py（约束用第 7 课的 common/json_schema.py）。
 from common.serving import (CHAT_ACCEPTED, ApiError, Auth, ChatRequest, EmbeddingRequest, GenerateRequest, Metrics,
-                            RateLimiter, Reply, Sessions, bind, embeddings_body, error_body, error_response,
-                            install_plumbing, make_uvicorn, reject_unsupported, settings_from_env, sse,
-                            text_of_content)
+                            RateLimiter, Reply, Sessions, auth_banner, bind, embeddings_body, healthz,
+                            install_plumbing, make_uvicorn, oauth_token, port_number, prometheus_metrics, readyz,
+                            reject_unsupported, settings_from_env, shutdown_fate)
 
 NAME = "06_serve"
 MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "qwen0.5b": "qwen2.5-coder-0.5b-instruct"}  # /v1/models 里的名字
@@ -90,6 +90,7 @@ class Job:
     t_submit: float = 0.0
     t_last: float = 0.0
     gen: torch.Generator | None = None
+    constraint: object | None = None   # 结构化输出：这一行自己的掩码状态（common/structured_serving.py 的 RowConstraint）
 
 
 class Engine:
@@ -268,9 +269,7 @@ class Engine:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            waiting, running = self.busy()
-            self.metrics.queue.set(waiting)
-            self.metrics.batch.set(running)
+            self.metrics.set_load(*self.busy())
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -293,6 +292,9 @@ class Engine:
             mask[r, :len(f)] = 1
         dev = self.model.device
         logits = self.model(ids.to(dev), cache=self.cache.first_rows(n), attention_mask=mask.to(dev), last_only=True)
+        for r, job in enumerate(self.slots[:n]):       # 结构化输出：带约束的行只留下能让 JSON 继续合法的 token
+            if job is not None and job.constraint is not None:            # （每行自己的掩码，别的行不受影响）
+                job.constraint.mask_(logits[r])
         greedy = logits.argmax(-1).tolist()                                # [n]：每行下一个 token 的 logits
         for r, job in enumerate(self.slots[:n]):
             if job is None:
@@ -313,8 +315,8 @@ class Engine:
 
     def _emit(self, job: Job, tok: int) -> None:
         now = time.perf_counter()
-        if tok in job.stop_ids:
-            self._finish(job, "stop")
+        if tok in job.stop_ids:                  # 带约束的行：结束原因由约束给出（写完的工具调用是 "tool_calls"）
+            self._finish(job, job.constraint.end_reason() if job.constraint else "stop")
             return
         job.generated.append(tok)
         if self.metrics is not None:
@@ -325,8 +327,10 @@ class Engine:
                 self.metrics.tpot.observe(now - job.t_last)
         job.t_last = now
         self._send(job, "token", tok)
-        if len(job.generated) >= job.max_new_tokens:
-            self._finish(job, "length")
+        if job.constraint is not None and job.constraint.advance(tok):   # JSON 已完整、后面只能结束：立刻结束
+            self._finish(job, job.constraint.end_reason())
+        elif len(job.generated) >= job.max_new_tokens:
+            self._finish(job, "length")                                  # 预算用完：没写完，绝不说成完整
 
     def _finish(self, job: Job, reason: str) -> None:
         if job.slot >= 0 and self.slots[job.slot] is job:
@@ -393,10 +397,8 @@ class Server:
             self.engine.stop()
         if self.sessions is not None:
             self.sessions.close()
-        if self.stop_note:
-            fate = f"{self.cut} 个请求在宽限期结束时被中断（客户端收到了 server_shutdown 错误）" if self.cut \
-                else "进行中的请求都已结束"
-            print(self.stop_note.format(requests=fate), flush=True)
+        if self.stop_note:                           # {requests}：有几个请求在宽限期结束时被中断
+            print(self.stop_note.format(requests=shutdown_fate(self.cut)), flush=True)
 
     def ready(self) -> bool:
         """模型已加载、引擎线程还活着（/readyz 和每个 /v1 请求都看它）。"""
@@ -435,7 +437,7 @@ class Server:
         return self.sessions.get(session, who) if session is not None else []
 
     def submit(self, messages: list[dict], max_new: int | None, temperature: float, top_p: float,
-               seed: int | None, stops: list[str], ignore_eos: bool = False) -> Reply:
+               seed: int | None, stops: list[str], ignore_eos: bool = False, constraint=None) -> Reply:
         tok = self.lm.tokenizer
         try:
             prompt = tok.apply_chat_template(messages)
@@ -449,7 +451,7 @@ class Server:
             raise ApiError(400, f"max_tokens={max_new} 太大：提示词 {len(prompt)} 个 token，"
                                 f"上下文上限 {self.max_context}，最多还能生成 {room} 个", code="context_length_exceeded")
         job = Job(prompt, max_new or min(self.default_max_tokens, room), temperature, top_p, seed,
-                  frozenset() if ignore_eos else frozenset(tok.eos_ids))
+                  frozenset() if ignore_eos and constraint is None else frozenset(tok.eos_ids), constraint=constraint)
         reply = Reply(self, job, stops)
         try:
             self.engine.submit(job)
@@ -469,31 +471,6 @@ async def caller(request: Request) -> str:
     return request.state.caller
 
 
-async def healthz():
-    return {"status": "ok"}
-
-
-async def readyz(request: Request):
-    if not srv_of(request).ready():
-        return error_response(503, srv_of(request).not_ready_reason(), "server_error", "not_ready")
-    return {"status": "ready", "model": srv_of(request).model_id}
-
-
-async def metrics(request: Request):
-    return Response(generate_latest(srv_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-async def oauth_token(request: Request):
-    """OAuth2 密码模式：表单 username/password → 有效期有限的 JWT（之后当 Bearer token 用）。"""
-    auth = srv_of(request).auth
-    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
-    if form.get("grant_type", "password") != "password" or not auth.users:
-        raise ApiError(400, "只支持 grant_type=password（且服务器要配置了 LLM_USERS）", code="unsupported_grant_type")
-    token = auth.issue_token(form.get("username", ""), form.get("password", ""),
-                             client=request.client.host if request.client else "?")
-    return {"access_token": token, "token_type": "bearer", "expires_in": int(auth.expire_minutes * 60)}
-
-
 async def list_models(request: Request, who: str = Depends(caller)):
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llm-course"}
                                        for name in (srv_of(request).model_id, EMBEDDING_MODEL)]}
@@ -510,45 +487,30 @@ async def embeddings(body: EmbeddingRequest, request: Request, who: str = Depend
 
 
 async def chat_completions(body: ChatRequest, request: Request, who: str = Depends(caller)):
-    """OpenAI 兼容的对话接口：stream=true 时按 SSE 一块一块发，最后 data: [DONE]。"""
+    """OpenAI 兼容的对话接口：stream=true 时按 SSE 一块一块发，最后 data: [DONE]。response_format / tools：plan 把它们
+    变成这个请求自己的约束（schema 不支持时 400），引擎每步给这一行加掩码；回答是 content 或 tool_calls。"""
     srv = srv_of(request)
     if body.model != srv.model_id:
         raise ApiError(404, f"没有模型 {body.model!r}：本服务器只有 {srv.model_id}", code="model_not_found")
     reject_unsupported(body.model_extra, CHAT_ACCEPTED)
-    new = [{"role": m.role, "content": text_of_content(m.content, f"messages.{i}")} for i, m in enumerate(body.messages)]
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    reply = srv.submit(srv.history(body.session_id, who) + new, body.max_completion_tokens or body.max_tokens,
+    plan = await structured.plan(body, srv.lm.tokenizer, srv.history(body.session_id, who))
+    stops = [] if plan.compiled else [body.stop] if isinstance(body.stop, str) else list(body.stop or [])  # JSON 不截断
+    reply = srv.submit(plan.prompt, body.max_completion_tokens or body.max_tokens,
                        1.0 if body.temperature is None else body.temperature,
-                       1.0 if body.top_p is None else body.top_p, body.seed, stops, body.ignore_eos)
+                       1.0 if body.top_p is None else body.top_p, body.seed, stops, body.ignore_eos, plan.row(srv.metrics))
     head = {"id": f"chatcmpl-{reply.job.id}", "created": int(time.time()), "model": srv.model_id}
 
     def remember():                    # 只有完整结束的回答才写进会话
-        if body.session_id and reply.finish in ("stop", "length"):
-            srv.sessions.append(body.session_id, who, new + [{"role": "assistant", "content": reply.text}])
-
-    async def events():
-        chunk = {**head, "object": "chat.completion.chunk"}
-        first = {"role": "assistant", "content": ""}
-        yield sse({**chunk, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
-        async for piece in reply.pieces():
-            yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-        if (failed := reply.failure()) is not None:          # 出错或服务器关闭：流里最后一个事件说明原因
-            yield sse(error_body(failed))
-            yield "data: [DONE]\n\n"
-            return
-        yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish}]})
-        if (body.stream_options or {}).get("include_usage"):
-            yield sse({**chunk, "choices": [], "usage": reply.usage()})
-        yield "data: [DONE]\n\n"
-        remember()
+        if body.session_id and reply.finish in ("stop", "length", "tool_calls"):
+            srv.sessions.append(body.session_id, who, plan.new + [{"role": "assistant", "content": reply.text}])
 
     if body.stream:
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(structured.chat_events(reply, head, plan, usage, remember),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     await reply.wait(request)
     remember()
-    message = {"role": "assistant", "content": reply.text}
-    return {**head, "object": "chat.completion", "usage": reply.usage(),
-            "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}]}
+    return structured.chat_body(reply, head, plan)
 
 
 async def generate_text(body: GenerateRequest, request: Request, who: str = Depends(caller)):
@@ -595,11 +557,9 @@ def build_app(srv: Server) -> FastAPI:
     app.state.srv = srv
     install_plumbing(app, srv.metrics, srv.guard, srv.max_body)
     for path, fn, methods in [("/healthz", healthz, ["GET"]), ("/readyz", readyz, ["GET"]),
-                              ("/metrics", metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
-                              ("/v1/models", list_models, ["GET"]),
-                              ("/v1/chat/completions", chat_completions, ["POST"]),
-                              ("/v1/embeddings", embeddings, ["POST"]),
-                              ("/v1/generate", generate_text, ["POST"]),
+                              ("/metrics", prometheus_metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
+                              ("/v1/models", list_models, ["GET"]), ("/v1/chat/completions", chat_completions, ["POST"]),
+                              ("/v1/embeddings", embeddings, ["POST"]), ("/v1/generate", generate_text, ["POST"]),
                               ("/v1/sessions/{session_id}", get_session, ["GET"]),
                               ("/v1/sessions/{session_id}", delete_session, ["DELETE"])]:
         app.add_api_route(path, fn, methods=methods)
@@ -636,13 +596,7 @@ def make_server(args, lm=None, **overrides) -> Server:
 def serve_forever(args) -> None:
     """python 06_serve.py：前台运行，Ctrl-C / SIGTERM 时停止接收新请求、等进行中的流结束、关数据库。"""
     srv = make_server(args)
-    auth = srv.auth
-    if not auth.enabled:
-        where = "" if args.host in ("127.0.0.1", "localhost", "::1") else \
-            f"  警告：监听 {args.host} 且没有认证，同一网络里的任何人都能用！请设置 LLM_API_KEYS。"
-        print(f"[认证] 关闭（没有配置 LLM_API_KEYS / --api-keys / LLM_USERS）。{where}")
-    else:
-        print(f"[认证] 开启：{len(auth.keys)} 个 API key，{len(auth.users)} 个用户（key 本身不会打印）。")
+    print(auth_banner(srv.auth, args.host))                 # 认证开没开（没开又对外监听时警告）
     print(f"[服务] 正在启动 http://{args.host}:{args.port}/v1 （模型 {args.checkpoint or MODEL_IDS[args.local_model]}；最多 {args.max_batch} 个序列同时生成）")
     print(f"       试试：python 01_hello_llm.py --base-url http://{args.host}:{args.port}/v1    按 Ctrl-C 停止。")
     sock = bind(args.host, args.port)
@@ -650,26 +604,12 @@ def serve_forever(args) -> None:
     make_uvicorn(srv.app(), "info", args.grace, srv.drain).run(sockets=[sock])
 
 
-# ================================================================ 第 4 部分：演示（--demo）
-def demo(args) -> int:
-    """进程内启动服务器（认证开启），用 common/loadtest.py 的导览和压测当客户端，最后解读并保存结果。
-    模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）。"""
-    return loadtest.demo(args, make_server)
-
-
-# ================================================================ 第 5 部分：命令行
-def port_type(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"端口需要在 1～65535 之间（收到 {value}）")
-    return value
-
-
+# ================================================================ 第 4 部分：命令行
 def parse_args(argv=None) -> argparse.Namespace:
     p = course_parser(NAME, __doc__, groups=("local",))
     s = p.add_argument_group("服务器")
     s.add_argument("--host", default="127.0.0.1", help="监听地址（0.0.0.0 = 对外开放，务必配置认证）")
-    s.add_argument("--port", type=port_type, default=8000, help="监听端口")
+    s.add_argument("--port", type=port_number, default=8000, help="监听端口")
     s.add_argument("--checkpoint", type=existing_file, default=None,
                    help="改为服务第 04 课训练的小 GPT，例如 outputs/04_tiny_gpt/small/ckpt_best.pt（它只会续写英文莎士比亚）")
     s.add_argument("--api-keys", default=None, help="逗号分隔的 API key（默认读 LLM_API_KEYS；更推荐用环境变量，命令行会被 ps 看到）")
@@ -703,7 +643,9 @@ def main(argv=None) -> int | None:
         return None
     if args.checkpoint:
         raise UserError("--demo 的演示和压测用本地 SmolLM2；--checkpoint 只用于启动服务器（去掉 --demo 再运行）。")
-    return demo(args)
+    # 演示：进程内启动服务器（认证开启），用 common/loadtest.py 的导览和压测当客户端，最后解读并保存结果。
+    # 模型由服务器自己的加载线程加载（见 Engine.start 的注释：主线程一旦跑过 torch 运算，引擎线程就会变慢）。
+    return loadtest.demo(args, make_server)
 
 
 if __name__ == "__main__":

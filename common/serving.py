@@ -9,6 +9,7 @@ are in Chinese, like the lesson.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import collections
@@ -23,17 +24,20 @@ import sqlite3
 import threading
 import time
 from typing import Literal
+from urllib.parse import parse_qs
 
 import jwt
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from common.cli import positive_int
 from common.errors import UserError
 
 
@@ -54,6 +58,14 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.queue = Gauge("llm_queue_length", "等待中的请求数", registry=r)
         self.batch = Gauge("llm_running_batch_size", "正在运行（占着 KV 缓存行）的序列数", registry=r)
+        # structured output (common/structured_serving.py): time spent masking and advancing constrained rows
+        self.mask_seconds = Counter("llm_constraint_mask_seconds", "结构化输出：掩码和状态推进花的时间（秒）", registry=r)
+        self.mask_tokens = Counter("llm_constrained_tokens", "结构化输出：受约束生成的 token 数", registry=r)
+
+    def set_load(self, waiting: int, running: int) -> None:
+        """The engine's queue length and running batch size (gauges)."""
+        self.queue.set(waiting)
+        self.batch.set(running)
 
 
 class ApiError(Exception):
@@ -67,10 +79,11 @@ class ApiError(Exception):
 
 
 # OpenAI chat parameters lesson 06 does not implement: only their "not used" values (listed) are accepted,
-# anything else is 400 unsupported_parameter. None = any value is harmless (an annotation).
+# anything else is 400 unsupported_parameter. None = any value passes here: an annotation, or a field
+# common/structured_serving.py checks and honours (response_format, tools, tool_choice).
 CHAT_ACCEPTED = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-                 "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
-                 "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+                 "logprobs": (False,), "top_logprobs": (0,), "response_format": None,
+                 "tools": None, "tool_choice": None, "parallel_tool_calls": (True, False),
                  "user": None, "metadata": None, "store": (False,)}
 
 
@@ -411,6 +424,56 @@ class Reply:
     def usage(self) -> dict:
         p, c = len(self.job.prompt), len(self.job.generated)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# ------------------------------------------------------------------ generic routes (the app's state.srv is the server)
+# srv has .ready(), .not_ready_reason(), .model_id, .metrics (Metrics) and .auth (Auth): lesson 06's Server.
+async def healthz():
+    return {"status": "ok"}
+
+
+async def readyz(request: Request):
+    srv = request.app.state.srv
+    if not srv.ready():
+        return error_response(503, srv.not_ready_reason(), "server_error", "not_ready")
+    return {"status": "ready", "model": srv.model_id}
+
+
+async def prometheus_metrics(request: Request):
+    return Response(generate_latest(request.app.state.srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def oauth_token(request: Request):
+    """OAuth2 password grant: form username/password -> a JWT with a limited lifetime (then used as a Bearer token)."""
+    auth = request.app.state.srv.auth
+    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+    if form.get("grant_type", "password") != "password" or not auth.users:
+        raise ApiError(400, "只支持 grant_type=password（且服务器要配置了 LLM_USERS）", code="unsupported_grant_type")
+    token = auth.issue_token(form.get("username", ""), form.get("password", ""),
+                             client=request.client.host if request.client else "?")
+    return {"access_token": token, "token_type": "bearer", "expires_in": int(auth.expire_minutes * 60)}
+
+
+def auth_banner(auth: Auth, host: str) -> str:
+    """The startup line about authentication (a warning when it is off on a non-loopback address)."""
+    if auth.enabled:
+        return f"[认证] 开启：{len(auth.keys)} 个 API key，{len(auth.users)} 个用户（key 本身不会打印）。"
+    where = "" if host in ("127.0.0.1", "localhost", "::1") else \
+        f"  警告：监听 {host} 且没有认证，同一网络里的任何人都能用！请设置 LLM_API_KEYS。"
+    return f"[认证] 关闭（没有配置 LLM_API_KEYS / --api-keys / LLM_USERS）。{where}"
+
+
+def shutdown_fate(cut: int) -> str:
+    """What happened to the requests in flight when the server stopped (the stop line printed in the foreground)."""
+    return f"{cut} 个请求在宽限期结束时被中断（客户端收到了 server_shutdown 错误）" if cut else "进行中的请求都已结束"
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: an integer 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"端口需要在 1～65535 之间（收到 {value}）")
+    return value
 
 
 # ------------------------------------------------------------------ generic HTTP plumbing
