@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -243,11 +242,10 @@ def test_part_2_labels_a_chinese_prompt_as_chinese(local_fp32, tmp_path, capsys)
 # The API path, against the local OpenAI-compatible test server
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_api_path_streams_from_server(tmp_path, script_env):
+def test_api_path_streams_from_server(tmp_path, script_env, run_script, restore_torch_globals):
     with run_server() as server:
         env = dict(script_env, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key", OPENAI_MODEL=CHAT_MODEL)
-        r = subprocess.run([sys.executable, SCRIPT, "--quick", "--part", "1,5"], cwd=REPO, env=env,
-                           capture_output=True, text=True, encoding="utf-8", timeout=300)
+        r = run_script(SCRIPT, "--quick", "--part", "1,5", env=env, timeout=300)    # in-process (tests/conftest.py)
         chat = [q for q in server.requests if q["path"].endswith("/chat/completions")]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert len(chat) == 1 and chat[0]["json"]["stream"] is True
@@ -303,9 +301,7 @@ def test_layer_and_head_checked_against_the_model(argv, local_fp32):
     lesson.check_model_args(lesson.parse_args([]), local_fp32.config)  # the defaults are valid
 
 
-@pytest.mark.slow
-def test_layer_out_of_range_exits_cleanly(script_env):
-    r = subprocess.run([sys.executable, SCRIPT, "--part", "5", "--layer", "99"], cwd=REPO, env=script_env,
-                       capture_output=True, text=True, encoding="utf-8", timeout=120)
+def test_layer_out_of_range_exits_cleanly(run_script, restore_torch_globals):
+    r = run_script(SCRIPT, "--part", "5", "--layer", "99")     # in-process, through run_cli (tests/conftest.py)
     assert r.returncode == 2 and "--layer" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout

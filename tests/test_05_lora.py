@@ -14,8 +14,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -374,9 +372,9 @@ def test_quick_run_end_to_end(lesson_runs):
 
 
 @pytest.mark.slow
-def test_a_tiny_time_cap_is_reported_loudly(script_env):
-    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--time-budget", "0.0001", "--eval-n", "2",
-                        "--full-ft", "0"], cwd=REPO, env=script_env, capture_output=True, text=True, timeout=900)
+def test_a_tiny_time_cap_is_reported_loudly(script_env, run_script, restore_torch_globals):
+    r = run_script(SCRIPT.name, "--quick", "--time-budget", "0.0001", "--eval-n", "2", "--full-ft", "0",
+                   timeout=900)                      # in-process (tests/conftest.py): no new interpreter importing torch
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((Path(script_env["LLM_COURSE_OUTPUTS"]) / "05_lora" / "results.json").read_text("utf-8"))
     assert res["training_cut_short"] and res["lora_train"]["cut_by_time_budget"]
