@@ -25,27 +25,21 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import quant as Q
+from common import quant_report as R
 from common.cli import add_knob, course_parser, existing_file, int_list, parts_type, positive_int, setup_run
 from common.device import peak_rss_mb
-from common.errors import UserError, require, run_cli
-from common.outputs import output_root, save_results
-from common.plots import new_figure, save_figure
+from common.errors import require, run_cli
+from common.outputs import save_results
 
 NAME = "10_quantize"
 PARTS = ["grid", "gguf", "quality", "speed", "speculative"]
-REPO = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
 # 第 1、3 步比较的量化方案：(比特数, 对称?, 分组)
 SCHEMES = [(8, True, Q.TENSOR), (8, True, Q.CHANNEL), (4, True, Q.TENSOR), (4, True, Q.CHANNEL),
@@ -111,21 +105,6 @@ def smoothquant_demo(lm, layer: int, alpha: float) -> dict:
             "error_int8": int8_error(x, w), "error_int8_smoothed": int8_error(x / s, w * s)}
 
 
-def plot_outliers(row: dict, act: dict, out_dir: Path) -> Path:
-    fig, (a, b) = new_figure(ncols=2, size=(12, 4))
-    v = np.array(row["row_values"])
-    a.plot(v, ".", ms=3, label=f"row {row['row']} of the down_proj weight")
-    step = row["tensor_step"]
-    for lvl in range(-7, 8):
-        a.axhline(lvl * step, color="r", lw=0.4, alpha=0.6)
-    a.set(title="one weight row with its outlier; red lines = per-tensor int4 grid", xlabel="input channel", ylabel="w")
-    a.legend(loc="lower right")
-    b.bar(np.arange(len(act["channel_amax"])), act["channel_amax"], width=1.0)
-    b.set(yscale="log", title=f"layer {act['layer']} down_proj input: max |x| per channel",
-          xlabel="channel", ylabel="max |activation|")
-    return save_figure(fig, out_dir / "outliers.png")
-
-
 def part_grid(args, lm) -> dict:
     from common.local_model import SMOOTH_ALPHA
     print(f"\n=== 第 1 步：数和格子——{lm.info.name} 的几个真实矩阵，每种量化方案的相对误差 ===")
@@ -144,7 +123,7 @@ def part_grid(args, lm) -> dict:
           f"SmoothQuant（α={act['alpha']}）之后 {act['error_int8_smoothed']:.4f}。")
     print("      这就是 common/local_model.py 的 smooth_for_int8：激活的离群通道除以 s，权重对应的列乘以 s，"
           "难量化的部分搬到了按通道量化的权重里。")
-    png = plot_outliers(row, act, args.out_dir)
+    png = R.plot_outliers(row, act, args.out_dir)
     print(f"图已保存：{png}")
     row.pop("row_values")
     act["channel_amax"] = act["channel_amax"][:0]
@@ -155,44 +134,15 @@ def part_grid(args, lm) -> dict:
 # ================================================================ 第 2 步：GGUF 的块格式，手写
 def check_formats_against_gguf(seed: int) -> dict:
     """随机数（带离群值、一整块 0）：手写的 Q8_0/Q4_0/Q4_1 和 gguf.quants 逐字节相同，反量化也相同。"""
-    import gguf
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(32 * 2048) * 0.02).astype(np.float32)
     x[rng.integers(0, x.size, 40)] *= 60                    # 离群值
     x[:32] = 0                                              # 全 0 的一块（scale = 0 的特殊情况）
-    out = {}
-    for fmt in Q.GGUF_FORMATS:
-        qtype = getattr(gguf.GGMLQuantizationType, fmt)
-        ref = np.asarray(gguf.quants.quantize(x.reshape(64, -1), qtype)).reshape(-1, Q.BLOCK_BYTES[fmt])
-        mine = Q.gguf_quantize(x, fmt)
-        same_bytes = bool(np.array_equal(ref, mine))
-        same_values = bool(np.array_equal(np.asarray(gguf.quants.dequantize(ref, qtype)).reshape(-1), Q.gguf_dequantize(mine, fmt)))
-        require(same_bytes and same_values, f"手写的 {fmt} 和 gguf 参考实现不同（字节相同 {same_bytes}，反量化相同 {same_values}）。")
-        out[fmt] = {"blocks": len(mine), "bytes_equal": same_bytes, "dequantize_equal": same_values,
-                    "max_abs_error": float(np.abs(Q.gguf_dequantize(mine, fmt) - x).max())}
+    out = Q.compare_with_gguf(x)
+    for fmt, r in out.items():
+        require(r["bytes_equal"] and r["dequantize_equal"],
+                f"手写的 {fmt} 和 gguf 参考实现不同（字节相同 {r['bytes_equal']}，反量化相同 {r['dequantize_equal']}）。")
     return out
-
-
-def requantize_shipped(path: Path, limit: int) -> dict:
-    """模型文件里存的块：反量化 → 用手写的同一格式再量化 → 和文件里的块逐字节比较。"""
-    import gguf
-    reader = gguf.GGUFReader(str(path))
-    types, checked = {}, {}
-    for t in reader.tensors:
-        fmt = t.tensor_type.name
-        types.setdefault(fmt, [0, 0])
-        types[fmt][0] += 1
-        types[fmt][1] += int(t.n_elements)
-        if fmt in Q.GGUF_FORMATS and checked.get(fmt, {}).get("tensors", 0) < limit:
-            raw = np.asarray(t.data, dtype=np.uint8).reshape(-1, Q.BLOCK_BYTES[fmt])
-            again = Q.gguf_quantize(Q.gguf_dequantize(raw, fmt), fmt)
-            c = checked.setdefault(fmt, {"tensors": 0, "blocks": 0, "blocks_equal": 0})
-            c["tensors"] += 1
-            c["blocks"] += len(raw)
-            c["blocks_equal"] += int((again == raw).all(1).sum())
-    n_params = sum(n for _, n in types.values())
-    return {"tensor_types": {k: {"tensors": a, "weights": b} for k, (a, b) in types.items()}, "requantized": checked,
-            "file_bytes": path.stat().st_size, "params": n_params, "file_bits_per_weight": path.stat().st_size * 8 / n_params}
 
 
 def part_gguf(args, lm) -> dict:
@@ -202,7 +152,7 @@ def part_gguf(args, lm) -> dict:
         print(f"{fmt}：{r['blocks']} 块，字节相同 {r['bytes_equal']}，反量化相同 {r['dequantize_equal']}，最大误差 {r['max_abs_error']:.4f}")
     print("一块 32 个权重：Q8_0 = fp16 的 d + 32 个 int8；Q4_0 = fp16 的 d + 16 字节（两个 4 比特码一字节，码 − 8 再乘 d）；"
           "\n                 Q4_1 = fp16 的 d + fp16 的 min + 16 字节（码 × d + min）。")
-    shipped = requantize_shipped(lm.path, args.gguf_tensors)
+    shipped = Q.requantize_shipped(lm.path, args.gguf_tensors)
     print(f"\n{lm.path.name}：" + "，".join(f"{k} {v['tensors']} 个张量" for k, v in shipped["tensor_types"].items()))
     for fmt, c in shipped["requantized"].items():
         print(f"  文件里的 {fmt} 块（{c['tensors']} 个张量，{c['blocks']:,} 块）反量化再手写量化：{c['blocks_equal']:,} 块逐字节相同"
@@ -216,51 +166,6 @@ def part_gguf(args, lm) -> dict:
 
 
 # ================================================================ 第 3 步：每个比特的质量代价
-def ensure_checkpoint(args) -> Path:
-    """第 04 课的检查点：--checkpoint，否则 outputs/04_tiny_gpt/ 下最好的那个，否则用第 04 课的脚本现训一个很小的。"""
-    if args.checkpoint:
-        return args.checkpoint
-    for preset in ("speedrun", "medium", "small", "quick"):
-        found = output_root() / "04_tiny_gpt" / preset / "ckpt_best.pt"
-        if found.is_file():
-            return found
-    own = args.out_dir / "tiny_gpt" / "quick" / "ckpt_best.pt"
-    if not own.is_file():
-        cmd = [sys.executable, str(REPO / "04_tiny_gpt.py"), "--quick", "--max-iters", str(args.gpt_iters),
-               "--seed", str(args.seed), "--out-dir", str(own.parent.parent), "--threads", str(torch.get_num_threads())]
-        print(f"没有找到第 04 课的检查点：先用第 04 课的脚本训练一个很小的（{args.gpt_iters} 步，约十几秒）：\n  "
-              f"python 04_tiny_gpt.py {' '.join(cmd[2:])}")
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace")
-        if r.returncode != 0 or not own.is_file():
-            raise UserError(f"训练第 04 课的小 GPT 失败（退出码 {r.returncode}）：{r.stderr.strip()[-200:]}；"
-                            "可以先运行 python 04_tiny_gpt.py --quick，再用 --checkpoint 指定检查点")
-    return own
-
-
-def gpt_windows(ck: dict, n: int) -> torch.Tensor:
-    """第 04 课的验证集（同一份文本的最后 10%），均匀取 n 个不重叠的窗口：[n, block_size + 1]。"""
-    from common.training import load_text, text_fingerprint, tokenizer_from_state
-    data = ck["train_args"].get("data")
-    text, _ = load_text(Path(data) if data else None)
-    if text_fingerprint(text) != ck["data_sha1"]:
-        raise UserError(f"检查点是在另一份数据上训练的（{data or '莎士比亚'} 已经变了），算不出它的验证 loss")
-    ids = tokenizer_from_state(ck["tokenizer"]).encode_corpus(text)
-    val = ids[-(len(ids) // 10):]
-    T = ck["model_config"]["block_size"] + 1
-    starts = torch.linspace(0, len(val) - T, min(n, len(val) // T)).long()
-    return torch.stack([val[s:s + T] for s in starts])
-
-
-@torch.inference_mode()
-def gpt_loss(program, windows: torch.Tensor) -> float:
-    losses = []
-    for batch in windows.split(64):
-        batch = batch if len(batch) > 1 else batch.repeat(2, 1)      # 导出的图要求 batch ≥ 2
-        logits = program(batch[:, :-1])[0]
-        losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(len(batch), -1))
-    return float(torch.cat(losses).mean())
-
-
 def group_of(name: str) -> str:
     """张量属于哪一组：嵌入和输出层（它们常常共用一个矩阵）/ 注意力 / MLP。"""
     if any(k in name for k in ("embed", "wte", "wpe", "lm_head")):
@@ -293,32 +198,15 @@ def run_variants(evaluate, module, table: list, key: str) -> None:
 def tiny_gpt_quality(args) -> dict:
     from common.exported import load_tiny_gpt
     from common.training import load_checkpoint
-    path = ensure_checkpoint(args)
+    path = R.ensure_checkpoint(args.checkpoint, args.out_dir, args.gpt_iters, args.seed)
     ck = load_checkpoint(path)
     program = load_tiny_gpt(path).model.program
-    windows = gpt_windows(ck, args.gpt_windows)
+    windows = R.gpt_windows(ck, args.gpt_windows)
     n = sum(p.numel() for p in ck["model"].values())
     print(f"\n第 04 课的 GPT（{path}，{n:,} 个参数，fp32 训练出来的真权重），验证集 {windows.numel():,} 个 token：")
     table: list = []
-    run_variants(lambda: gpt_loss(program, windows), program, table, "val_loss")
+    run_variants(lambda: Q.gpt_loss(program, windows), program, table, "val_loss")
     return {"checkpoint": str(path), "params": n, "val_tokens": windows.numel(), "table": table}
-
-
-def held_out_ids(tokenizer, n: int) -> list[int]:
-    """留出文本：第 03 课的英文文档（模型没在上面训练过，也不是它的对话格式），取前 n 个 token。"""
-    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "data" / "rag" / "en").glob("*.md")))
-    return tokenizer.encode(text)[:n]
-
-
-@torch.inference_mode()
-def llama_nll(model, ids: list[int], window: int = 512) -> float:
-    total, count = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[s:s + window + 1]])
-        logits = model(chunk[:, :-1])[0]
-        total += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-        count += chunk.shape[1] - 1
-    return total / count
 
 
 def quality_sentence(gpt: list[dict], local: list[dict], name: str) -> str:
@@ -336,11 +224,11 @@ def quality_sentence(gpt: list[dict], local: list[dict], name: str) -> str:
 def part_quality(args, lm) -> dict:
     print("\n=== 第 3 步：每个比特的质量代价（loss 越低越好；括号里是比 fp32 多了多少 nats）===")
     out = {"tiny_gpt": tiny_gpt_quality(args)}
-    ids = held_out_ids(lm.tokenizer, args.eval_tokens)
+    ids = R.held_out_ids(lm.tokenizer, args.eval_tokens)
     print(f"\n{lm.info.name}，留出文本 {len(ids)} 个 token。注意：它的“fp32”本身就是文件里 4 比特权重反量化出来的：")
     table: list = []
-    run_variants(lambda: llama_nll(lm.model, ids), lm.model, table, "nll")
-    int8 = llama_nll(load(args, "int8").model, ids)
+    run_variants(lambda: Q.llama_nll(lm.model, ids), lm.model, table, "nll")
+    int8 = Q.llama_nll(load(args, "int8").model, ids)
     table.append({"variant": "int8 动态（torch + SmoothQuant，--dtype int8）", "nll": int8, "delta": int8 - table[0]["nll"],
                   "ppl": float(np.exp(int8))})
     print(f"  {table[-1]['variant']:<36} nll {int8:.4f}（{int8 - table[0]['nll']:+.4f}）  困惑度 {np.exp(int8):8.3f}")
@@ -350,14 +238,6 @@ def part_quality(args, lm) -> dict:
 
 
 # ================================================================ 第 4 步：每个比特换来的速度和内存
-def bandwidth_gb_s(mib: int = 256, reps: int = 5) -> float:
-    """本机内存带宽（读）：对一个远大于 CPU 缓存的数组求和，取最快的一次。"""
-    a = torch.ones(mib * 2**20 // 4)
-    a.sum()
-    best = min(timed(a.sum)[1] for _ in range(reps))
-    return a.nelement() * 4 / best / 1e9
-
-
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -372,18 +252,9 @@ def decode_tok_s(model, prompt_ids: list[int], n: int) -> float:
     return 1 / float(np.median(steps[1:]))
 
 
-def module_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.nelement() * t.element_size()
-    return total
-
-
 def part_speed(args, lm) -> dict:
     print("\n=== 第 4 步：每个比特换来的速度——解码一个 token 要把权重读一遍 ===")
-    bw = bandwidth_gb_s()
+    bw = Q.bandwidth_gb_s()
     print(f"本机实测内存带宽（读 256 MiB 数组）：{bw:.1f} GB/s，{torch.get_num_threads()} 个线程。")
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
     models = [("fp32", lm.model), ("int8 动态（torch）", load(args, "int8").model),
@@ -394,7 +265,7 @@ def part_speed(args, lm) -> dict:
         per_tok = Q.weight_bytes_per_token(model)
         tok_s = decode_tok_s(model, prompt, args.speed_tokens)
         rows.append({"variant": label, "bytes_per_token": per_tok, "ceiling_tok_s": bw * 1e9 / per_tok,
-                     "tok_s": tok_s, "weights_mb": module_bytes(model) / 1e6, "peak_rss_mb": peak_rss_mb()})
+                     "tok_s": tok_s, "weights_mb": Q.module_bytes(model) / 1e6, "peak_rss_mb": peak_rss_mb()})
         r = rows[-1]
         print(f"{label:<28} | {per_tok / 1e6:10.0f} MB | {r['ceiling_tok_s']:10.1f} tok/s | {tok_s:9.1f} | "
               f"{tok_s / r['ceiling_tok_s']:7.0%} | {r['weights_mb']:9.0f} MB | {r['peak_rss_mb'] or 0:9.0f} MB")
@@ -411,12 +282,6 @@ def part_speed(args, lm) -> dict:
 
 
 # ================================================================ 第 5 步：投机解码
-def rag_prompt() -> str:
-    doc = (REPO / "data" / "rag" / "en" / "leave_policy.md").read_text(encoding="utf-8")[:900]
-    return (f"Read the policy below.\n\n{doc}\n\nQuestion: How many days of paid vacation do full-time employees get, "
-            "and how many can they carry over? Answer by quoting the sentences from the policy word for word.")
-
-
 def compare(target, draft_obj, ids: list[int], n: int, k: int, ref: list[int], t_ref: float, stop) -> dict:
     from common.speculative import speculative_generate
     (out, st), t = timed(lambda: speculative_generate(target, draft_obj, ids, n, k, stop))
@@ -445,35 +310,8 @@ def spec_for_prompt(args, models: dict, prompt: str, ks) -> tuple[dict, dict]:
     return by_k, lookup
 
 
-def summarize(runs: list[dict]) -> dict:
-    """几次运行合在一起：接受率 = 接受的草稿数 / 提议的草稿数；加速比 = 目标模型单独生成的总时间 / 投机解码的总时间。"""
-    total = sum(r["seconds"] for r in runs)
-    prop, acc = sum(r["proposed"] for r in runs), sum(r["accepted"] for r in runs)
-    return {"acceptance": acc / prop if prop else 0.0, "speedup": sum(r["reference_seconds"] for r in runs) / total,
-            "speedup_vs_plain_fp32": sum(r["plain_fp32_seconds"] for r in runs) / total,
-            "identical": all(r["identical"] for r in runs), "draft_share": sum(r["draft_seconds"] for r in runs) / total,
-            "tokens_per_target_call": sum(r["tokens"] for r in runs) / sum(r["target_calls"] for r in runs)}
-
-
-def print_spec_table(rows: dict) -> None:
-    print(f"{'草稿':<22} | 接受率 | 每次目标前向产出 | 草稿耗时占比 | 加速比 | 比课程默认 fp32 | 和目标单独生成相同")
-    for name, s in rows.items():
-        print(f"{name:<22} | {s['acceptance']:5.0%} | {s['tokens_per_target_call']:13.2f} 个 | {s['draft_share']:11.0%} | "
-              f"{s['speedup']:5.2f}× | {s['speedup_vs_plain_fp32']:13.2f}× | {s['identical']}")
-
-
-def plot_speculative(table: dict, ks: list[int], name: str, out_dir: Path) -> Path:
-    fig, ax = new_figure(size=(7, 4))
-    ax.plot(ks, [table[f"k={k}"]["speedup"] for k in ks], "o-", label="speedup vs fp32 alone")
-    ax.plot(ks, [table[f"k={k}"]["acceptance"] for k in ks], "s--", label="acceptance rate")
-    ax.axhline(1, color="gray", lw=0.8)
-    ax.set(xlabel="k (draft tokens per round)", title=f"{name}: int8 draft, fp32 target (greedy)")
-    ax.legend()
-    return save_figure(fig, out_dir / f"speculative_{name}.png")
-
-
 def part_speculative(args, lm) -> dict:
-    from common.speculative import prepack_for_cpu
+    from common.speculative import prepack_for_cpu, rag_prompt, summarize_runs
     print(f"\n=== 第 5 步：投机解码——int8 的 {lm.info.name} 当草稿，fp32 的它当目标（贪心）===")
     models = {"target": prepack_for_cpu(lm.model), "plain": lm.model, "draft": load(args, "int8").model,
               "tokenizer": lm.tokenizer}
@@ -487,17 +325,17 @@ def part_speculative(args, lm) -> dict:
         lookup.append(look)
         for k, r in by_k.items():
             per_k[k].append(r)
-    table = {f"k={k}": summarize(rs) for k, rs in per_k.items()}
+    table = {f"k={k}": summarize_runs(rs) for k, rs in per_k.items()}
     _, rag = spec_for_prompt(args, models, rag_prompt(), [])
-    lookups = {"自由写作": summarize(lookup), "RAG：引用原文": summarize([rag])}
-    print_spec_table({f"int8 模型 k={k}": s for k, s in zip(args.k, table.values())} |
+    lookups = {"自由写作": summarize_runs(lookup), "RAG：引用原文": summarize_runs([rag])}
+    R.print_spec_table({f"int8 模型 k={k}": s for k, s in zip(args.k, table.values())} |
                      {f"prompt lookup（{name}）": s for name, s in lookups.items()})
     best = max(table, key=lambda key: table[key]["speedup"])
     print(f"读表：每个结果都和目标模型单独贪心生成的逐 token 比过（相同）。最好的是 {best}：{table[best]['speedup']:.2f}×。"
           "\n      k 越大，一次验证能前进越多，但草稿每多猜一个都要花时间，猜错的越多越白费——所以有一个最好的 k。"
           f"\n      prompt lookup 不花草稿时间：回答在抄原文时（RAG）{lookups['RAG：引用原文']['speedup']:.2f}×，"
           f"自由写作时 {lookups['自由写作']['speedup']:.2f}×。")
-    png = plot_speculative(table, args.k, lm.key, args.out_dir)
+    png = R.plot_speculative(table, args.k, lm.key, args.out_dir)
     print(f"图已保存：{png}")
     return {"draft": "int8", "target": "fp32 (oneDNN layout)", "by_k": table, "prompt_lookup": lookups, "plot": str(png),
             "runs": {f"k={k}": rs for k, rs in per_k.items()}}
@@ -530,15 +368,6 @@ def parse_args(argv=None):
     return a
 
 
-def merged(path: Path, results: dict, key: str) -> dict:
-    """results.json 里 ppl / speculative 按模型分开存：换一个 --local-model 重跑，不抹掉另一个模型的结果。"""
-    try:
-        old = json.loads(path.read_text(encoding="utf-8")).get(key, {})
-    except (OSError, ValueError, AttributeError):
-        old = {}
-    return {**old, **results.get(key, {})}
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_run(args)
@@ -558,7 +387,7 @@ def main(argv=None) -> None:
     if "speculative" in results:
         results["speculative"] = {lm.key: results["speculative"]}
     path = args.out_dir / "results.json"
-    results.update({k: merged(path, results, k) for k in ("ppl", "speculative") if k in results})
+    results.update({k: R.merged(path, results, k) for k in ("ppl", "speculative") if k in results})
     results["seconds_total"] = time.perf_counter() - t0
     print(f"\n结果已保存：{save_results(args.out_dir, results, merge=True)}（用时 {results['seconds_total']:.0f} 秒）")
 

@@ -31,12 +31,6 @@ PROMPTS = ["Write a short story about a robot who learns to paint.", "Explain ho
            "List five tips for learning a new language, with one sentence on each."]
 
 
-def rag_prompt() -> str:
-    doc = (ROOT / "data" / "rag" / "en" / "leave_policy.md").read_text(encoding="utf-8")[:900]
-    return (f"Read the policy below.\n\n{doc}\n\nQuestion: How many days of paid vacation do full-time employees get, "
-            "and how many can they carry over? Answer by quoting the sentences from the policy word for word.")
-
-
 def forward_ms(model, n_new: int, reps: int = 5) -> float:
     import torch
 
@@ -61,7 +55,7 @@ def timed(fn):
 def run_model(key: str, ks: list[int], n: int, prompts: list[str], lookup_k: int) -> dict:
     from common.generate import generate
     from common.local_model import load_local_model
-    from common.speculative import ModelDraft, PromptLookupDraft, prepack_for_cpu, speculative_generate
+    from common.speculative import ModelDraft, PromptLookupDraft, prepack_for_cpu, rag_prompt, speculative_generate
 
     target_lm = load_local_model(dtype="fp32", device="cpu", verbose=False, model=key)
     draft = load_local_model(dtype="int8", device="cpu", verbose=False, model=key).model

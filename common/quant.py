@@ -15,6 +15,9 @@
   3. 只量化权重的 int4 线性层（``Int4Linear``）：权重按 Q4_1 的思路（每 32 个一组，fp16 scale + min）存成
      4 比特，每次前向时"现场"反量化成 float32 再做矩阵乘。读的字节少了 6 倍多，但反量化本身要时间——
      第 10 课实测它在 CPU 上是快还是慢。
+  4. 质量：留出文本上的平均 loss（``gpt_loss`` / ``llama_nll``），第 10 课用它们比较每种量化方案。
+第 10 课的几样测量也在这里：``compare_with_gguf``（手写格式 vs gguf 包）、``requantize_shipped``（模型文件里的块
+反量化再量化）、``weight_bytes_per_token`` / ``module_bytes`` / ``bandwidth_gb_s``（每 token 读多少字节、本机带宽）。
 """
 from __future__ import annotations
 
@@ -213,6 +216,45 @@ def gguf_dequantize(blocks: np.ndarray, fmt: str) -> np.ndarray:
     return GGUF_FORMATS[fmt][1](blocks)
 
 
+def compare_with_gguf(x: np.ndarray) -> dict:
+    """手写的每种格式和 gguf 包的参考实现（``gguf.quants``）比：量化出的字节、反量化出的数是否完全相同。"""
+    import gguf
+    out = {}
+    for fmt in GGUF_FORMATS:
+        qtype = getattr(gguf.GGMLQuantizationType, fmt)
+        ref = np.asarray(gguf.quants.quantize(x.reshape(64, -1), qtype)).reshape(-1, BLOCK_BYTES[fmt])
+        mine = gguf_quantize(x, fmt)
+        back = gguf_dequantize(mine, fmt)
+        out[fmt] = {"blocks": len(mine), "bytes_equal": bool(np.array_equal(ref, mine)),
+                    "dequantize_equal": bool(np.array_equal(np.asarray(gguf.quants.dequantize(ref, qtype)).reshape(-1), back)),
+                    "max_abs_error": float(np.abs(back - x).max())}
+    return out
+
+
+def requantize_shipped(path, limit: int) -> dict:
+    """模型文件里存的块：反量化 → 用手写的同一格式再量化 → 和文件里的块逐字节比较（每种格式最多 limit 个张量）。
+    顺便数一数文件里每种格式有几个张量、多少权重，算出整个文件平均每个权重几比特。"""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    types, checked = {}, {}
+    for t in reader.tensors:
+        fmt = t.tensor_type.name
+        types.setdefault(fmt, [0, 0])
+        types[fmt][0] += 1
+        types[fmt][1] += int(t.n_elements)
+        if fmt in GGUF_FORMATS and checked.get(fmt, {}).get("tensors", 0) < limit:
+            raw = np.asarray(t.data, dtype=np.uint8).reshape(-1, BLOCK_BYTES[fmt])
+            again = gguf_quantize(gguf_dequantize(raw, fmt), fmt)
+            c = checked.setdefault(fmt, {"tensors": 0, "blocks": 0, "blocks_equal": 0})
+            c["tensors"] += 1
+            c["blocks"] += len(raw)
+            c["blocks_equal"] += int((again == raw).all(1).sum())
+    n_params = sum(n for _, n in types.values())
+    size = path.stat().st_size
+    return {"tensor_types": {k: {"tensors": a, "weights": b} for k, (a, b) in types.items()}, "requantized": checked,
+            "file_bytes": size, "params": n_params, "file_bits_per_weight": size * 8 / n_params}
+
+
 # ================================================================ 3. 只量化权重的 int4 线性层
 class Int4Linear(nn.Module):
     """权重存成 4 比特（每 group 个一组，fp16 的 scale 和 min，和 Q4_1 同一个思路），前向时现场反量化。
@@ -270,6 +312,29 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
+def module_bytes(model: nn.Module) -> int:
+    """模型在内存里的权重和缓冲区一共多少字节（共用的张量只算一次）。"""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nelement() * t.element_size()
+    return total
+
+
+def bandwidth_gb_s(mib: int = 256, reps: int = 5) -> float:
+    """本机内存带宽（读）：对一个远大于 CPU 缓存的数组求和，取最快的一次。"""
+    import time
+    a = torch.ones(mib * 2**20 // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nelement() * 4 / best / 1e9
+
+
 def quantize_weights(state: dict[str, torch.Tensor], choose: Callable[[str, torch.Tensor], tuple | None]) -> dict:
     """假量化一个 state_dict：choose(名字, 张量) 返回 (bits, symmetric, group) 就量化这个张量，返回 None 就原样保留。
     只看二维的矩阵（一维的归一化权重、偏置总是保留）。返回新的 dict，原来的不变。"""
@@ -278,3 +343,27 @@ def quantize_weights(state: dict[str, torch.Tensor], choose: Callable[[str, torc
         how = choose(name, t) if t.dim() == 2 and t.is_floating_point() else None
         out[name] = fake_quant(t, *how) if how else t
     return out
+
+
+# ================================================================ 4. 质量：留出文本上的平均 loss
+@torch.inference_mode()
+def gpt_loss(program, windows: torch.Tensor) -> float:
+    """第 04 课导出的 GPT 在验证窗口 [n, T+1] 上的平均交叉熵（每个窗口：前 T 个 token 预测后 T 个）。"""
+    losses = []
+    for batch in windows.split(64):
+        batch = batch if len(batch) > 1 else batch.repeat(2, 1)      # 导出的图要求 batch ≥ 2
+        logits = program(batch[:, :-1])[0]
+        losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(len(batch), -1))
+    return float(torch.cat(losses).mean())
+
+
+@torch.inference_mode()
+def llama_nll(model, ids: list[int], window: int = 512) -> float:
+    """Llama 在一串 token 上的平均负对数似然（每 window 个 token 一段，段与段之间不共享上下文）。"""
+    total, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[s:s + window + 1]])
+        logits = model(chunk[:, :-1])[0]
+        total += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    return total / count

@@ -105,6 +105,25 @@ class PromptLookupDraft:
         return []
 
 
+def rag_prompt() -> str:
+    """prompt lookup 最擅长的提示词：一段公司制度（第 03 课的英文文档）+ 一个要求逐字引用原文回答的问题。"""
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "data" / "rag" / "en" / "leave_policy.md").read_text(encoding="utf-8")[:900]
+    return (f"Read the policy below.\n\n{doc}\n\nQuestion: How many days of paid vacation do full-time employees get, "
+            "and how many can they carry over? Answer by quoting the sentences from the policy word for word.")
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """几次运行合在一起：接受率 = 接受的草稿数 / 提议的草稿数；加速比 = 目标模型单独生成的总时间 / 投机解码的总时间。
+    每次运行是 SpecStats.as_dict() 加上 seconds、reference_seconds、plain_fp32_seconds、tokens、identical。"""
+    total = sum(r["seconds"] for r in runs)
+    prop, acc = sum(r["proposed"] for r in runs), sum(r["accepted"] for r in runs)
+    return {"acceptance": acc / prop if prop else 0.0, "speedup": sum(r["reference_seconds"] for r in runs) / total,
+            "speedup_vs_plain_fp32": sum(r["plain_fp32_seconds"] for r in runs) / total,
+            "identical": all(r["identical"] for r in runs), "draft_share": sum(r["draft_seconds"] for r in runs) / total,
+            "tokens_per_target_call": sum(r["tokens"] for r in runs) / sum(r["target_calls"] for r in runs)}
+
+
 def prepack_for_cpu(model):
     """验证一步要把 k+1 个 token 一起乘过每个权重矩阵。PyTorch 默认的 CPU 矩阵乘在 1 行时走"矩阵 × 向量"的快路径，
     2 行起换成通用矩阵乘，每次调用都要重新整理（pack）一遍权重：实测 2～7 行比 1 行慢一倍多，验证就不便宜了。

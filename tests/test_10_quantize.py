@@ -68,7 +68,7 @@ def test_gguf_bits_per_weight():
 
 
 def test_shipped_q4_1_blocks_are_reproduced(gguf_path):
-    r = lesson.requantize_shipped(gguf_path, limit=2)
+    r = Q.requantize_shipped(gguf_path, limit=2)
     assert set(r["requantized"]) == {"Q4_1", "Q8_0"}
     for c in r["requantized"].values():
         assert c["blocks"] > 0 and c["blocks_equal"] == c["blocks"]
