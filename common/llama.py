@@ -53,6 +53,8 @@ class LlamaConfig:
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight —— 相当于不减均值、也不加偏置的 LayerNorm。"""
 
+    fused = True    # True：同一个公式交给 torch 的 F.rms_norm 一次算完（结果相同，少几个小算子）
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -60,6 +62,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if self.fused:
+            return F.rms_norm(xf, xf.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
 
@@ -83,6 +87,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: boo
         return out.flatten(-2).to(x.dtype)              # [B, H, T, D]
     x0, x1 = x.float().chunk(2, dim=-1)                 # 两个都是 [B, H, T, D/2]
     return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).to(x.dtype)
+
+
+def apply_rope_complex(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """和 apply_rope(pairs=True) 完全相同的旋转，写成复数乘法：把相邻两维 (x0, x1) 看成复数 x0 + i·x1，
+    乘上 cos + i·sin 就是转了一个角度。一个乘法算子代替十来个小算子（解码一步要做 60 次）。"""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # [B, H, T, D/2]，复数
+    return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)      # [B, H, T, D]
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """把输入相同的几个 Linear 拼成一个（输出按顺序首尾相接）：一次矩阵乘法代替几次。
+    普通 Linear 拼权重；int8 动态量化的 Linear 按输出通道量化，所以直接拼 int8 权重和各行的 scale，
+    得到的 int8 数值和拼之前一模一样。"""
+    first = linears[0]
+    out_features = sum(lin.out_features for lin in linears)
+    biases = [lin.bias() if callable(getattr(lin, "bias", None)) else lin.bias for lin in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    if isinstance(first, nn.Linear):
+        w = first.weight
+        fused = nn.Linear(first.in_features, out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        return fused
+    ws = [lin.weight() for lin in linears]                               # torch.ao 的动态量化 Linear
+    if any(w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or w.q_per_channel_axis() != 0
+           for w in ws):
+        raise ValueError("fuse_linears: only per-output-channel quantized weights can be concatenated")
+    w = torch._make_per_channel_quantized_tensor(
+        torch.cat([w.int_repr() for w in ws]), torch.cat([w.q_per_channel_scales() for w in ws]),
+        torch.cat([w.q_per_channel_zero_points() for w in ws]), 0)
+    fused = type(first)(first.in_features, out_features, bias_=bias is not None, dtype=w.dtype)
+    fused.set_weight_bias(w, bias)
+    return fused
 
 
 class KVCache:
@@ -192,6 +230,7 @@ class Span:
     （True = 这个 query 可以看那一列 key）。"""
     cos: torch.Tensor                # [T, D/2]；各行位置不同时是 [B, 1, T, D/2]
     sin: torch.Tensor
+    cis: torch.Tensor | None         # cos + i·sin（复数形式，apply_rope_complex 用；不用时为 None）
     total: int                       # S：注意力要看的 key 列数
     start: int = 0
     cols: torch.Tensor | None = None
@@ -208,14 +247,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.qkv_proj = None        # Llama.fuse_projections() 之后：q/k/v 三个投影拼成的一个 Linear
 
     def forward(self, x, span: Span, layer: int, cache: KVCache | None, return_attn: bool):
         cfg = self.cfg
         B, T = span.real.shape if span.real is not None else x.shape[:2]
-        q = unpack(self.q_proj(x), span.real).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
-        k = unpack(self.k_proj(x), span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
-        v = unpack(self.v_proj(x), span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
-        q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
+        if self.qkv_proj is not None:               # 一次矩阵乘法，再切成 q、k、v
+            q, k, v = self.qkv_proj(x).split([cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = unpack(q, span.real).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, 9, T, 64]
+        k = unpack(k, span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        v = unpack(v, span.real).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, 3, T, 64]
+        if span.cis is not None:
+            q, k = apply_rope_complex(q, span.cis), apply_rope_complex(k, span.cis)
+        else:
+            q, k = apply_rope(q, span.cos, span.sin, cfg.rope_pairs), apply_rope(k, span.cos, span.sin, cfg.rope_pairs)
 
         if cache is not None:  # 先把这一步的 K/V 写进缓存，再对到目前为止的所有位置做注意力
             if span.cols is None:
@@ -265,9 +312,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = None    # Llama.fuse_projections() 之后：gate 和 up 拼成的一个 Linear
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -298,6 +350,33 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_complex = True    # RoPE 用复数乘法算（apply_rope_complex；只对相邻两维配对的布局）
+
+    def fuse_projections(self) -> "Llama":
+        """只用于推理的变换（原地修改，返回自己）：每层的 q/k/v 投影拼成一个 qkv_proj，gate/up 拼成一个
+        gate_up_proj。输入相同的几次矩阵乘法变成一次：解码一步少 90 次算子调用（CPU 上每次调用都有固定开销），
+        输出和拼之前相同（只差浮点舍入）。之后模型里就没有 q_proj、gate_proj 这些名字了，所以要挂 LoRA、
+        要读单个投影权重（第 5、10 课）的地方用没拼过的模型。"""
+        for layer in self.layers:
+            a, m = layer.attn, layer.mlp
+            if a.qkv_proj is None:
+                a.qkv_proj = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+                del a.q_proj, a.k_proj, a.v_proj
+            if m.gate_up_proj is None:
+                m.gate_up_proj = fuse_linears([m.gate_proj, m.up_proj])
+                del m.gate_proj, m.up_proj
+        return self
+
+    def set_fast_paths(self, rope: bool | None = None, norm: bool | None = None) -> "Llama":
+        """打开/关掉两条等价的快速写法（基准测试 benchmarks/decode_levers.py 用它前后对比）：
+        rope = 复数乘法版 RoPE，norm = F.rms_norm。None = 不变。"""
+        if rope is not None:
+            self.rope_complex = rope
+        if norm is not None:
+            for mod in self.modules():
+                if isinstance(mod, RMSNorm):
+                    mod.fused = norm
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -362,7 +441,8 @@ class Llama(nn.Module):
             start = cache.length if cache is not None else 0
             if start + T > limit:
                 raise ValueError(f"sequence too long: {start + T} positions (limit {limit})")
-            return Span(self.rope_cos[start:start + T], self.rope_sin[start:start + T], start + T, start=start)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            return Span(cos, sin, self._cis(cos, sin), start + T, start=start)
         dev = self.device
         m = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
         rank = (m.long().cumsum(1) - 1).clamp(min=0)              # 真实 token 依次编号 0, 1, 2, ...
@@ -380,9 +460,16 @@ class Llama(nn.Module):
         key_col = torch.arange(S, device=dev)[None, None, :]                       # [1, 1, S]
         mask4 = ((key_col <= cols[:, :, None]) & key_ok[:, None, :])              # 既符合因果顺序，又是真实 token
         mask4 |= key_col == cols[:, :, None]       # padding 的 query 至少能看见自己（整行全遮住的话 softmax 会算出 NaN）
-        return Span(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], S,
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+        return Span(cos, sin, self._cis(cos, sin), S,
                     cols=cols if cache is not None else None, mask=mask4[:, None],
                     real=m if mask is not None else None)
+
+    def _cis(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """每次调用算一次、所有层共用的复数旋转表（只有相邻两维配对的布局能这样算）。"""
+        if not (getattr(self, "rope_complex", False) and self.config.rope_pairs):
+            return None
+        return torch.complex(cos, sin)
 
     @staticmethod
     def _advance(cache: KVCache, T: int, mask: torch.Tensor | None) -> None:

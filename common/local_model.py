@@ -344,17 +344,20 @@ _LOADED: dict[tuple, LocalModel] = {}
 
 
 def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = None, device=None,
-                     verbose: bool = True, model: str | None = None) -> LocalModel:
+                     verbose: bool = True, model: str | None = None, fused: bool = False) -> LocalModel:
     """Load (once per process) a local model.
 
     model: smollm2 (default) | qwen0.5b, else $LLM_LOCAL_MODEL; path: an explicit GGUF file (the model it
     holds is read from its metadata: when that is not `model`, the file wins and one line says so; a file
-    that is no usable GGUF -> UserError); dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8."""
+    that is no usable GGUF -> UserError); dtype: fp32 (default, or $LLM_COURSE_DTYPE) | int8.
+    fused=True: an inference-only copy whose q/k/v and gate/up projections are one Linear each
+    (Llama.fuse_projections: fewer, larger matmuls per decode step); kept apart from the unfused model, which
+    the lessons that read or adapt single projections (LoRA, quantization) use."""
     dtype = dtype or os.environ.get("LLM_COURSE_DTYPE", "fp32")
     device = get_device() if device is None else torch.device(device)
     mf = select_model_file(path, resolve_local_model(model))
     gguf_path = mf.path
-    cache_key = (str(gguf_path), dtype, str(device))
+    cache_key = (str(gguf_path), dtype, str(device), fused)
     if cache_key in _LOADED:
         return _LOADED[cache_key]
     t0 = time.perf_counter()
@@ -364,6 +367,8 @@ def load_local_model(path: str | os.PathLike | None = None, dtype: str | None = 
         model_ = _load_int8_cached(mf, cfg, weights)
     else:
         model_ = build_model(cfg, weights, device, dtype, tok)
+    if fused:
+        model_.fuse_projections()
     lm = LocalModel(model_, tok, gguf_path, device, dtype, time.perf_counter() - t0, mf.key)
     _LOADED[cache_key] = lm
     return lm

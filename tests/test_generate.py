@@ -289,3 +289,74 @@ def test_logits_processor_can_force_a_token(tiny, temperature):
 def test_zero_new_tokens_and_empty_batch(tiny):
     assert list(generate(tiny, [1, 2, 3], 0)) == []
     assert generate_batch(tiny, [], 5) == []
+
+
+# ------------------------------------------------------------------ inference-time levers (issue 40)
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _quantized(model):
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(_copy(model), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                                      dtype=torch.qint8)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_fused_projections_equal_separate_ones(tiny, kind):
+    """fuse_projections() is an inference-only transform of a copy: same logits (alone, padded batch, cached
+    decode), one qkv_proj / gate_up_proj per layer, and the model it was copied from is untouched."""
+    base = tiny if kind == "fp32" else _quantized(tiny)
+    fused = _copy(base).fuse_projections()
+    names = {n for n, _ in fused.named_modules()}
+    assert "layers.0.attn.qkv_proj" in names and "layers.1.mlp.gate_up_proj" in names
+    assert not {n.rsplit(".", 1)[-1] for n in names} & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert hasattr(base.layers[0].attn, "q_proj") and base.layers[0].attn.qkv_proj is None
+    if kind == "int8":   # per-output-channel int8: the fused weight holds exactly the same int8 values and scales
+        w = fused.layers[0].attn.qkv_proj.weight()
+        parts = [getattr(base.layers[0].attn, n).weight() for n in ("q_proj", "k_proj", "v_proj")]
+        assert torch.equal(w.int_repr(), torch.cat([p.int_repr() for p in parts]))
+        assert torch.equal(w.q_per_channel_scales(), torch.cat([p.q_per_channel_scales() for p in parts]))
+    atol = ATOL if kind == "fp32" else 1e-3
+    for p in _prompts([5, 11, 1]):
+        a, b = alone(base, p), alone(fused, p)
+        assert torch.allclose(a, b, atol=atol, rtol=0), (a - b).abs().max()
+    prompts = _prompts([3, 9, 6], seed=4)
+    ids, mask = padded(prompts, "left", list(range(1, 64)))
+    with torch.inference_mode():
+        a = base(ids, attention_mask=mask)
+        b = fused(ids, attention_mask=mask)
+    assert torch.allclose(a, b, atol=atol, rtol=0), (a - b).abs().max()
+    p = _prompts([7], seed=9)[0]
+    assert list(generate(fused, p, 12)) == list(generate(base, p, 12))
+
+
+def test_fast_rope_and_norm_equal_the_formulas(tiny):
+    """The complex-multiply RoPE and F.rms_norm compute the same numbers as the step-by-step formulas."""
+    from common.llama import RMSNorm, apply_rope, apply_rope_complex, rope_tables
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 16, generator=g)
+    cos, sin = rope_tables(16, 32, 10000.0)
+    cos, sin = cos[5:12], sin[5:12]
+    assert torch.allclose(apply_rope_complex(x, torch.complex(cos, sin)), apply_rope(x, cos, sin, True),
+                          atol=1e-6, rtol=0)
+    norm = RMSNorm(16, 1e-5)
+    norm.weight.data = torch.randn(16, generator=g)
+    with torch.no_grad():
+        norm.fused = True
+        fast = norm(x)
+        norm.fused = False
+        slow = norm(x)
+    assert torch.allclose(fast, slow, atol=1e-6, rtol=0)
+    slow_model = _copy(tiny).set_fast_paths(rope=False, norm=False)
+    assert not slow_model.rope_complex and not any(m.fused for m in slow_model.modules() if isinstance(m, RMSNorm))
+    for p in _prompts([9, 2], seed=5):
+        assert torch.allclose(alone(slow_model, p), alone(tiny, p), atol=ATOL, rtol=0)

@@ -48,3 +48,23 @@ def test_kv_bytes_formula(local_fp32):
         local_fp32.model(torch.tensor([[1, 2, 3, 4, 5]]), cache=cache)
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # K and V, fp32
     assert cache.nbytes_used() == 5 * per_token
+
+
+def test_fused_model_is_a_separate_copy_with_the_same_outputs(local_fp32):
+    """load_local_model(fused=True): q/k/v and gate/up as one Linear each, cached == full still, logits equal
+    to the unfused reference within fp32 tolerance; the unfused model (LoRA, lesson 10) keeps its projections."""
+    from common.local_model import load_local_model
+
+    fused = load_local_model(dtype="fp32", device=torch.device("cpu"), verbose=False, fused=True)
+    assert fused is not local_fp32 and fused.model.layers[0].attn.qkv_proj is not None
+    assert hasattr(local_fp32.model.layers[0].attn, "q_proj") and local_fp32.model.layers[0].attn.qkv_proj is None
+    torch.manual_seed(1)
+    ids = torch.randint(17, fused.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        ref, full = local_fp32.model(ids), fused.model(ids)
+        cache = fused.model.new_cache(1, 32)
+        cached = torch.cat([fused.model(ids[:, :16], cache=cache)] +
+                           [fused.model(ids[:, t:t + 1], cache=cache) for t in range(16, 24)], dim=1)
+    assert torch.allclose(full, ref, atol=1e-3, rtol=0), (full - ref).abs().max()
+    assert torch.equal(full.argmax(-1), ref.argmax(-1))
+    assert torch.allclose(cached, full, atol=1e-3, rtol=0), (cached - full).abs().max()
