@@ -24,7 +24,9 @@ on from there (tokens starting with `{` that cannot begin a tool call are masked
 reply plain text. At most one tool call per reply (parallel_tool_calls is accepted and has no effect).
 
 Caches: one Vocab (byte trie) per tokenizer, built on first use; compiled masks in an LRU keyed by the
-schema's JSON. The masks' per-state tables are filled by the engine thread only (one engine per server).
+schema's JSON, shared by every server of the process. A compiled mask's per-state tables grow as the engine
+meets new states; a lock per compiled schema keeps two engines (two servers in one process) from growing
+them at once.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class Compiled:
     def __init__(self, mask, tokenizer):
         self.mask, self.tok = mask, tokenizer
         self.eos = mask.vocab.eos
+        self.lock = threading.Lock()    # the mask's tables grow as states are met: one engine thread at a time
         self._blocked: dict[tuple[int, int], object] = {}
         self._final: dict[int, bool] = {}
         self._free = None
@@ -162,15 +165,22 @@ class RowConstraint:
     def mask_(self, logits) -> None:
         """Set the logits of every token that would break the document to -inf (in place, this row only)."""
         t0 = time.perf_counter()
-        if self.phase == "json":
-            logits.masked_fill_(self.c.blocked(self.sid, logits.shape[-1]), float("-inf"))
-        elif self.phase == "free":
-            logits.masked_fill_(self.c.free_blocked(logits.shape[-1]), float("-inf"))
+        with self.c.lock:
+            if self.phase == "json":
+                logits.masked_fill_(self.c.blocked(self.sid, logits.shape[-1]), float("-inf"))
+            elif self.phase == "free":
+                logits.masked_fill_(self.c.free_blocked(logits.shape[-1]), float("-inf"))
         self._timed(t0)
 
     def advance(self, token: int) -> bool:
         """Move the state past an emitted token. True = the document is complete and only the end can follow."""
         t0 = time.perf_counter()
+        with self.c.lock:
+            final = self._advance(token)
+        self._timed(t0, token=True)
+        return final
+
+    def _advance(self, token: int) -> bool:
         if self.phase == "free":
             body = self.c.tok.token_bytes(token).lstrip(JSON_WS.encode())
             if body:
@@ -181,9 +191,7 @@ class RowConstraint:
             self.sid = self.c.mask.advance(self.sid, token)
         if self.phase == "json" and self.sid < 0:
             raise RuntimeError("constrained decoding reached an invalid state")
-        final = self.phase == "json" and self.c.final(self.sid)
-        self._timed(t0, token=True)
-        return final
+        return self.phase == "json" and self.c.final(self.sid)
 
     def end_reason(self) -> str:
         """finish_reason when the row ends (end token chosen, or the document complete): a complete document is
@@ -191,7 +199,9 @@ class RowConstraint:
         left only the end token) is "length", never reported as complete."""
         if self.phase != "json":
             return "stop"
-        if not self.c.mask.done(self.sid):
+        with self.c.lock:
+            complete = self.c.mask.done(self.sid)
+        if not complete:
             return "length"
         return "tool_calls" if self.tool else "stop"
 
