@@ -45,8 +45,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from common import loadtest
-from common import structured_serving as structured
+from common import loadtest, structured_serving as structured
 from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_file, int_list, non_negative_int,
                         positive_int, setup_run)
 from common.errors import UserError, run_cli
@@ -556,13 +555,12 @@ def build_app(srv: Server) -> FastAPI:
     app = FastAPI(title="LLM 零基础实践教程 · 第 6 课", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.srv = srv
     install_plumbing(app, srv.metrics, srv.guard, srv.max_body)
-    for path, fn, methods in [("/healthz", healthz, ["GET"]), ("/readyz", readyz, ["GET"]),
-                              ("/metrics", prometheus_metrics, ["GET"]), ("/oauth/token", oauth_token, ["POST"]),
-                              ("/v1/models", list_models, ["GET"]), ("/v1/chat/completions", chat_completions, ["POST"]),
-                              ("/v1/embeddings", embeddings, ["POST"]), ("/v1/generate", generate_text, ["POST"]),
-                              ("/v1/sessions/{session_id}", get_session, ["GET"]),
-                              ("/v1/sessions/{session_id}", delete_session, ["DELETE"])]:
-        app.add_api_route(path, fn, methods=methods)
+    for path, fn, method in [("/healthz", healthz, "GET"), ("/readyz", readyz, "GET"), ("/metrics", prometheus_metrics, "GET"),
+                             ("/oauth/token", oauth_token, "POST"), ("/v1/models", list_models, "GET"),
+                             ("/v1/chat/completions", chat_completions, "POST"), ("/v1/embeddings", embeddings, "POST"),
+                             ("/v1/generate", generate_text, "POST"), ("/v1/sessions/{session_id}", get_session, "GET"),
+                             ("/v1/sessions/{session_id}", delete_session, "DELETE")]:
+        app.add_api_route(path, fn, methods=[method])
     # 聊天页（static/ 里的一个 HTML + JS + CSS，没有构建步骤）：公开路径，不在 /v1/ 下，所以不需要 key
     app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

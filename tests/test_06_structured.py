@@ -397,12 +397,14 @@ def test_smollm2_parse_json_object_and_forced_tool_call(smollm2):
         sentiment: Literal["positive", "negative", "neutral"]
 
     msg = [{"role": "user", "content": "Review: the desk lamp is great, 5 stars. Extract product, rating, sentiment as JSON."}]
-    r = client.chat.completions.parse(model=model, messages=msg, response_format=Review, max_tokens=64)
+    r = client.chat.completions.parse(model=model, messages=msg, response_format=Review, max_tokens=64, temperature=0)
     assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Review)
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Describe a cat in JSON."}],
-                                       response_format={"type": "json_object"}, max_tokens=96)
-    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
-    r = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL],
+    cat = [{"role": "user", "content": 'Write a JSON object with the keys "name" and "age" for a cat named Tom, age 3.'}]
+    r = client.chat.completions.create(model=model, messages=cat, response_format={"type": "json_object"}, max_tokens=96,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL], temperature=0,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert r.choices[0].finish_reason == "tool_calls"
     check_call(r.choices[0].message.tool_calls[0], {"get_weather": WEATHER})
