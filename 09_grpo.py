@@ -441,7 +441,7 @@ def report_hacking(runs: dict, a) -> dict:
         print(table(rows))
         for task in "AB":
             for e in res[task]["examples"][-3:]:
-                print(f"  {task} 第 {e['step']} 步 奖励 {e['reward']:.2f}：{e['prompt'][:50]!r} → {e['answer']!r}")
+                print(f"  {task} 第 {e['step']} 步 奖励 {e['reward']:.2f}：{e['prompt'].split('?')[0][:60]}? → {e['answer']!r}")
     return res
 
 
