@@ -5,8 +5,8 @@ Levers (all switchable on one model; none changes what the model computes beyond
   fuse     Llama.fuse_projections(): q/k/v -> one qkv_proj, gate/up -> one gate_up_proj (load_local_model(fused=True))
   rope     RoPE as one complex multiply (Llama.set_fast_paths(rope=...)) instead of ~10 small ops per call
   norm     RMSNorm through F.rms_norm (set_fast_paths(norm=...)) instead of 6 small ops
-  lmhead8  int8 only: the LM head as an int8 dynamic Linear (what the int8 path does) vs the same weights in fp32
-  mkl      fp32 only: the LM head as an MKL-prepacked matmul (torch.ops.mkl._mkl_linear) vs the column-major F.linear
+  lm head  int8: the LM head is already an int8 dynamic Linear; "lm head fp32 (undo)" shows what that buys
+           fp32: the LM head as an MKL-prepacked matmul (torch.ops.mkl._mkl_linear) vs the column-major F.linear
 
 Each configuration runs one-token decode steps on a ragged cache with an attention mask of ones, exactly like
 lesson 06's engine (rows prefilled with --prefix tokens). Configurations take turns (--rounds rounds of --steps
@@ -62,20 +62,20 @@ def fp32_of(qlinear):
 
 
 def configurations(dtype: str) -> dict:
-    """name -> (fused model?, rope, norm, lm-head variant)."""
-    head = {"fp32": ("colmajor", "mkl"), "int8": ("fp32", "int8")}[dtype]
-    lever = "mkl" if dtype == "fp32" else "lmhead8"
-    best = head[1] if dtype == "int8" else head[0]
+    """name -> (fused model?, rope, norm, lm-head variant). "before" = the path as shipped before issue 40; each
+    lever row changes one thing from it; "all on" = every lever that is on by default after issue 40."""
+    head = "int8" if dtype == "int8" else "colmajor"
     cfgs = {
-        "all off": (False, False, False, head[0]),
-        "fuse": (True, False, False, head[0]),
-        "rope": (False, True, False, head[0]),
-        "norm": (False, False, True, head[0]),
-        lever: (False, False, False, head[1]),
-        "fuse+rope+norm": (True, True, True, best),
+        "before": (False, False, False, head),
+        "fuse": (True, False, False, head),
+        "rope": (False, True, False, head),
+        "norm": (False, False, True, head),
     }
-    if dtype == "fp32":
-        cfgs["fuse+rope+norm+mkl"] = (True, True, True, "mkl")
+    if dtype == "int8":
+        cfgs["lm head fp32 (undo)"] = (False, False, False, "fp32")     # what the int8 LM head already buys
+    else:
+        cfgs["mkl lm head"] = (False, False, False, "mkl")
+    cfgs["all on"] = (True, True, True, head)
     return cfgs
 
 
@@ -116,6 +116,21 @@ def decode_ms(model, batch: int, prefix: int, steps: int, warmup: int = 3) -> fl
                 times.append(time.perf_counter() - t)
     times.sort()
     return 1000 * times[len(times) // 2]
+
+
+def ops_per_step(model) -> int:
+    """How many torch operators one B = 1 decode step calls from Python (top-level ops only)."""
+    import torch
+    from torch.profiler import profile
+
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        cache.reset_rows([0])
+        one = torch.ones(1, 1, dtype=torch.long)
+        model(torch.full((1, 1), 28), cache=cache, attention_mask=one, last_only=True)
+        with profile() as prof:
+            model(torch.full((1, 1), 28), cache=cache, attention_mask=one, last_only=True)
+    return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith(("aten::", "quantized::")))
 
 
 def profile_step(model, top: int = 15) -> str:
@@ -167,9 +182,9 @@ def main(argv=None) -> int:
                 model = (fused if use_fused else plain).use(rope, norm, head)
                 for b in batches:
                     samples[(name, b)].append(decode_ms(model, b, args.prefix, args.steps))
-        rows = []
-        for name in cfgs:
-            row = {"config": name}
+        rows = []         # ratios: "before" time / this configuration's time (> 1 = faster)
+        for name, (use_fused, rope, norm, head) in cfgs.items():
+            row = {"config": name, "ops_per_step": ops_per_step((fused if use_fused else plain).use(rope, norm, head))}
             for b in batches:
                 ms = sorted(samples[(name, b)])[len(samples[(name, b)]) // 2]
                 row[f"B{b}_ms"], row[f"B{b}_tok_s"] = round(ms, 2), round(1000 * b / ms, 1)
@@ -177,11 +192,11 @@ def main(argv=None) -> int:
         results[dtype] = rows
         base = rows[0]
         print(f"\n{dtype}: median ms per decode step (tokens/s in aggregate), {args.rounds} rounds x {args.steps} steps")
-        print(f"{'config':<22}" + "".join(f"{'B=' + str(b):>26}" for b in batches))
+        print(f"{'config':<22}{'ops/step':>9}" + "".join(f"{'B=' + str(b):>34}" for b in batches))
         for r in rows:
-            cells = "".join(f"{r[f'B{b}_ms']:>8.2f} ms ({r[f'B{b}_tok_s']:>6.1f}/s, {base[f'B{b}_ms'] / r[f'B{b}_ms']:.2f}x)"
+            cells = "".join(f"{r[f'B{b}_ms']:>16.2f} ms ({r[f'B{b}_tok_s']:>6.1f}/s, {base[f'B{b}_ms'] / r[f'B{b}_ms']:.2f}x)"
                             for b in batches)
-            print(f"{r['config']:<22}{cells}")
+            print(f"{r['config']:<22}{r['ops_per_step']:>9}{cells}")
         if args.profile:
             print(f"\n{dtype}, B = 1, every lever on: torch.profiler over 10 decode steps")
             print(profile_step(fused.use(True, True, "int8" if dtype == "int8" else "colmajor")))
