@@ -12,6 +12,37 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# pytest-xdist (`-n 2`): two worker processes on a 2-core machine, so one torch thread each (set before torch is
+# imported; lessons run from a worker get it through LLM_COURSE_THREADS) instead of four threads on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["LLM_COURSE_THREADS"] = "1"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2`: whole test files go to one worker (their module fixtures are built once), in file order, and
+    tests/test_docs.py's run of a lesson's quick command goes with that lesson's test file, which asks
+    `lesson_runs` for the same command: each run still happens once a session. (pytest 9 ignores the node-id
+    suffix that xdist's own --dist loadgroup relies on, hence this scheduler.) Any other --dist is obeyed."""
+    if config.getvalue("dist") != "load":
+        return None
+    import re
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    runs = {}      # "08" -> "tests/test_08_dpo.py": the lesson's test file that runs it through lesson_runs
+    for f in sorted((REPO_ROOT / "tests").glob("test_[0-9][0-9]_*.py")):
+        if "lesson_runs.run(" in f.read_text(encoding="utf-8"):
+            runs.setdefault(f.name[5:7], f"tests/{f.name}")
+
+    class LessonFileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            m = re.search(r"::test_quick_command_runs\[python (\d\d)_", nodeid)
+            return runs.get(m.group(1), "tests/test_docs.py") if m else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False          # file order: the lessons' long runs first, not last
+    return LessonFileScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
