@@ -3,9 +3,10 @@
 你将学到：
   1. 引擎（本课的核心）：一个调度线程独占模型；新请求在"下一步"就加入正在运行的批次
      （continuous batching），每一步只做一次批量前向：新来者的提示词预填充 + 其他序列各解码一个
-     token；每个序列在 KV 缓存里有自己的一行（slot），结束的序列立刻退出、把位置让出来。
-  2. 服务器：FastAPI + uvicorn（vLLM / SGLang 的 OpenAI 服务器也用它们），OpenAI 兼容的
-     /v1/models、/v1/chat/completions（SSE 流式 / 非流式）、/v1/embeddings，/healthz、/readyz、/metrics
+     token；每个序列在 KV 缓存里有自己的一行（slot），结束的序列立刻退出、把位置让出来；带 response_format /
+     tools 的行还有自己的掩码（第 7 课的 JSON 语法），只能写出合法的 JSON / 工具调用。
+  2. 服务器：FastAPI + uvicorn（vLLM / SGLang 的 OpenAI 服务器也用它们），OpenAI 兼容的 /v1/models、
+     /v1/chat/completions（SSE 流式 / 非流式，response_format、tools）、/v1/embeddings，/healthz、/readyz、/metrics
      （Prometheus），/v1/generate 与 SQLite 会话，API key / OAuth2 + JWT 认证，限流（429）；
      以及我们攻击自己的服务器后补上的防线（docs/06 第 7 节）：先认证再读请求体、请求体上限、
      一个请求出错不拖垮引擎、客户端断开立刻释放、关闭时告诉被中断的流。
@@ -50,10 +51,9 @@ from common.cli import (add_knob, add_max_new_tokens, course_parser, existing_fi
                         positive_int, setup_run)
 from common.errors import UserError, run_cli
 from common.sampling import sample_next_token
-# Metrics、ApiError、Auth、RateLimiter、Sessions 和 HTTP 的外围零件（SSE、错误格式、请求计数、绑定端口、后台运行、
-# /healthz /readyz /metrics /oauth/token）是每个服务系统都有的，放在 common/serving.py；本课讲的是引擎（第 1 部分）
-# 和 OpenAI 兼容的路由（第 2 部分）。请求体的字段定义（ChatRequest 等）和把 token 变成文字片段的 Reply 也在那里；
-# response_format / tools 的解析和回答形状在 common/structured_serving.py（约束用第 7 课的 common/json_schema.py）。
+# 认证、限流、会话、指标、请求体定义（ChatRequest 等）、把 token 变成文字片段的 Reply 和 HTTP 外围零件（SSE、错误格式、
+# /healthz /readyz /metrics /oauth/token……）在 common/serving.py；response_format / tools 的解析和回答形状在
+# common/structured_serving.py（约束用第 7 课的 common/json_schema.py）。本课讲引擎（第 1 部分）和 OpenAI 兼容的路由（第 2 部分）。
 from common.serving import (CHAT_ACCEPTED, ApiError, Auth, ChatRequest, EmbeddingRequest, GenerateRequest, Metrics,
                             RateLimiter, Reply, Sessions, auth_banner, bind, embeddings_body, healthz,
                             install_plumbing, make_uvicorn, oauth_token, port_number, prometheus_metrics, readyz,
