@@ -389,11 +389,8 @@ def report(runs: dict, data: dict, a, stage: Path, out: Path, seconds: float) ->
     print(f"\n== 4. 汇总（留出问题，贪心解码；任务 A {b['A']['n']} 题，任务 B {b['B']['n']} 题）==")
     echo = lambda m: "/".join(str(m["A"]["reason_counts"].get(x, 0)) for x in ECHO_RULES)
     print(table([["模型", "示范数据", "A 通过率", "A 平均词数", "复述/无内容", "中性困惑度"],
-                 ["基座", "-", f"{b['A']['pass_rate']:.1%}", f"{b['A']['mean_words']:.1f}", echo(b), f"{b['neutral_ppl']:.2f}"],
-                 ["SFT", f"{a.steps * a.prompts_per_step} 条", f"{s['A']['pass_rate']:.1%}", f"{s['A']['mean_words']:.1f}",
-                  echo(s), f"{s['neutral_ppl']:.2f}"],
-                 ["GRPO", "0 条", f"{ga['A']['pass_rate']:.1%}", f"{ga['A']['mean_words']:.1f}", echo(ga),
-                  f"{ga['neutral_ppl']:.2f}"]]))
+                 *[[n, d, f"{m['A']['pass_rate']:.1%}", f"{m['A']['mean_words']:.1f}", echo(m), f"{m['neutral_ppl']:.2f}"]
+                   for n, d, m in (("基座", "-", b), ("SFT", f"{a.steps * a.prompts_per_step} 条", s), ("GRPO", "0 条", ga))]]))
     print(table([["模型", "B 准确率", "格式对", "宽松判对", "中性困惑度"],
                  *[[n, f"{m['B']['accuracy']:.1%}", f"{m['B']['format_rate']:.1%}", f"{m['B']['lenient_accuracy']:.1%}",
                     f"{m['neutral_ppl']:.2f}"] for n, m in (("基座", b), ("GRPO", gb))]]))
