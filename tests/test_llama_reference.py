@@ -105,3 +105,13 @@ def test_int8_is_a_bounded_approximation(local_fp32):
     kl, top1 = torch.cat(kls).mean().item(), torch.cat(agree).mean().item()
     assert kl < 0.6, kl
     assert top1 > 0.65, top1
+    # the fused int8 model (one qkv_proj / gate_up_proj per layer, the same int8 weights and scales) is the
+    # same approximation: logits within int8 rounding of the unfused one, the same greedy continuation
+    fused = load_local_model(dtype="int8", device="cpu", verbose=False, fused=True)
+    assert fused is not q and fused.model.layers[0].attn.qkv_proj is not None
+    ids = _chat_ids(local_fp32.tokenizer, PROMPTS[0])
+    with torch.no_grad():
+        a, b = q.model(ids)[0], fused.model(ids)[0]
+    assert torch.allclose(a, b, atol=1e-2, rtol=0), (a - b).abs().max()
+    prompt = ids[0].tolist()
+    assert list(fused.generate(prompt, 16, stop_ids=set())) == list(q.generate(prompt, 16, stop_ids=set()))
