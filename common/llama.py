@@ -11,7 +11,9 @@
     计算，让 padding 不占任何矩阵乘法的工作量；
   * ``last_only``（只要下一个 token 的 logits）和 ``return_hidden``（返回隐藏状态，比如只在
     部分位置上算损失：第 5、8 课）；
-  * ``return_attn=True``：同时返回每一层的注意力权重 [B, heads, T, S]（第 1 课）。
+  * ``return_attn=True``：同时返回每一层的注意力权重 [B, heads, T, S]（第 1 课）；
+  * 只用于推理的提速（docs/02 的"单条序列解码一步的时间花在哪里"有实测）：``fuse_projections()`` 把 q/k/v、
+    gate/up 各拼成一个 Linear；RoPE 用复数乘法、RMSNorm 用 F.rms_norm（``set_fast_paths`` 可以切回逐步的公式）。
 驱动它一个 token 一个 token 往下生成的循环在 common/generate.py。
 
 RoPE 提示：llama.cpp 的转换脚本会重排 Llama 模型 Q/K 权重的行，所以用 GGUF 权重时，RoPE 旋转的是
