@@ -47,6 +47,10 @@ if str(ROOT) not in sys.path:
 from common.loadtest import PROMPTS, one_client, percentile  # noqa: E402  (HTTP clients only: no torch)
 
 
+SERVER_ENV = {"LLM_API_KEYS", "LLM_USERS", "LLM_RATE_LIMIT_RPM", "LLM_SESSION_DB", "LLM_JWT_SECRET", "LLM_LOCAL_MODEL",
+              "LLM_COURSE_DTYPE", "LLM_COURSE_THREADS", "LLM_COURSE_DEVICE"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     key = "sk-bench-" + secrets.token_hex(8)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}   # nobody's auth/limits/dtype leak in
+    # the servers' behaviour comes from this script's flags, not from a developer's environment (the cache and
+    # outputs locations, LLM_COURSE_CACHE / LLM_COURSE_OUTPUTS, are kept)
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
     env.update(LLM_API_KEYS=key, PYTHONUNBUFFERED="1")
     logs = Path(tempfile.mkdtemp(prefix="vs_llamacpp-"))
     gguf = args.gguf
