@@ -184,7 +184,10 @@ def variants() -> list[tuple[str, object]]:
 
 def run_variants(evaluate, module, table: list, key: str) -> None:
     """每个方案：把 module 的权重换成假量化的，evaluate() 一次，最后换回原来的权重。"""
-    orig = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state = module.state_dict()
+    same = lambda t: (t.data_ptr(), tuple(t.shape))             # noqa: E731  共用的张量（lm_head = embed）只复制一份
+    copies = {key: t.detach().clone() for key, t in {same(t): t for t in state.values()}.items()}
+    orig = {k: copies[same(t)] for k, t in state.items()}
     for label, choose in variants():
         if choose is not None:
             module.load_state_dict(Q.quantize_weights(orig, choose), strict=False)
