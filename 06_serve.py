@@ -573,8 +573,8 @@ def load_model_of(args):
     if args.checkpoint:
         from common.exported import load_tiny_gpt
         return load_tiny_gpt(args.checkpoint)
-    from common.local_model import load_local_model
-    return load_local_model(dtype=args.dtype, device=args.torch_device)
+    from common.local_model import load_local_model          # int8：q/k/v、gate/up 各合成一个矩阵乘法（见 docs/02「单条序列解码一步的时间花在哪里」）
+    return load_local_model(dtype=args.dtype, device=args.torch_device, fused=args.dtype == "int8")
 
 
 def make_server(args, lm=None, **overrides) -> Server:
