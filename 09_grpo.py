@@ -11,7 +11,7 @@
   5. 时间花在哪：采样（生成）、打分、反向传播各用多少秒。
 
 本地模型只懂英文，所以提示都是英文的（data/dpo/ 和 data/grpo/）。
-用时（2 核 CPU，见 docs/09_grpo.md）：--quick 约 1 分钟；默认约 11 分钟。
+用时（2 核 CPU，见 docs/09_grpo.md）：--quick 约半分钟；默认约 11 分钟。
 
 常用命令：
   python 09_grpo.py --quick                  # 快速体验：每个任务训练几步
@@ -268,13 +268,12 @@ def evaluate(model, tok, data, a, label: str, tasks="AB") -> dict:
 # 5. 三次训练：任务 A 的 SFT 和 GRPO，任务 B 的 GRPO
 # ---------------------------------------------------------------------------
 def parse_args(argv=None):
-    from common.cli import add_max_new_tokens
     p = course_parser(NAME, __doc__, groups=("device",))
     g = p.add_argument_group("本课参数")
     add_knob(g, "--steps", type=positive_int, default=16, quick=2, help="任务 A 的训练步数（SFT 和 GRPO 一样多）")
     add_knob(g, "--steps-b", type=positive_int, default=32, quick=2, help="任务 B 的 GRPO 步数（回答很短，每步便宜）")
     add_knob(g, "--group", type=positive_int, default=6, quick=4, help="GRPO 的组大小 G：每个问题采样几个回答")
-    add_knob(g, "--prompts-per-step", type=positive_int, default=4, quick=2,
+    add_knob(g, "--prompts-per-step", type=positive_int, default=4, quick=1,
              help="每步几个问题（GRPO 每步 = 这么多问题 × G 个回答；SFT 每步 = 这么多条示范）")
     g.add_argument("--temperature", type=positive_float, default=0.8, help="GRPO 采样温度（和第 08 课在线采样一样）")
     g.add_argument("--beta", type=non_negative_float, default=0.04, help="KL 惩罚的权重 β（DeepSeekMath 用 0.04；0 = 不要 KL）")
@@ -282,9 +281,10 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=positive_float, default=3e-4, help="LoRA 学习率（SFT 和 GRPO 用同一个）")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
     g.add_argument("--loose-reward", action="store_true", help="奖励只看格式：任务 A 不管复述，任务 B 不管数字对不对（演示奖励被钻空子）")
-    add_knob(g, "--eval-n", type=positive_int, default=64, quick=8, help="每个任务用几条留出问题评估")
+    add_knob(g, "--eval-n", type=positive_int, default=64, quick=4, help="每个任务用几条留出问题评估")
     add_knob(g, "--time-budget", type=positive_float, default=8.0, quick=1.0, help="每次训练的时间上限（分钟），只是安全上限")
-    add_max_new_tokens(p, 48, "任务 A 每条回答最多生成多少个新 token（任务 B 固定 12 个）")
+    add_knob(p, "--max-new-tokens", type=positive_int, default=48, quick=32,
+             help="任务 A 每条回答最多生成多少个新 token（任务 B 固定 12 个）")
     a = p.parse_args(argv)
     a.gen_batch, a.max_new_b = 64, 12
     return a
