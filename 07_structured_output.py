@@ -1,6 +1,6 @@
 """第 7 课：结构化输出——让 135M 的小模型也只能写出合法 JSON（约束解码），再让它调用工具。
 
-你将学到（--quick 约 1 分钟；完整一课 84 条抽取任务，2 核 CPU 上要十几分钟以上）：
+你将学到（--quick 约半分钟；完整一课 84 条抽取任务，2 核 CPU 上要十几分钟以上）：
   1. 只靠提示词要 JSON 有多不可靠：在 ≥ 50 条英文客服消息（和第二种形状的商品评论）上
      测出"能解析""符合 schema""字段正确"的比例；
   2. 约束解码：把 JSON Schema 子集编译成一个逐字节的状态机，每一步把"会让 JSON 变非法"的
@@ -339,10 +339,10 @@ class ApiPolicy:
 def parse_args(argv=None):
     p = course_parser(NAME, __doc__, groups=("backend", "local"))
     add_knob(p, "--max-new-tokens", type=positive_int, default=96, quick=64, help="每次生成最多多少个新 token")
-    add_knob(p, "--tasks", type=int_list, default=None, quick=(3, 1),
+    add_knob(p, "--tasks", type=int_list, default=None, quick=(1, 1),
              help="每个任务集最多跑几条：一个数（两个任务集都用它）或 support,review 两个数（不填 = 全部：60 和 24）")
     add_knob(p, "--agent-tasks", type=positive_int, default=None, quick=2, help="智能体任务条数（不填 = 全部）")
-    add_knob(p, "--max-steps", type=positive_int, default=4, quick=3, help="智能体最多走几步，到了就停")
+    add_knob(p, "--max-steps", type=positive_int, default=4, quick=2, help="智能体最多走几步，到了就停")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="采样温度（0 = 贪心；掩码之后照常采样）")
     p.add_argument("--top-p", type=probability, default=1.0, help="top-p 采样（掩码之后）")
     p.add_argument("--retriever", choices=("bm25", "dense", "hybrid"), default="hybrid", help="search 工具用第 3 课的哪种检索")
