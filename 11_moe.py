@@ -14,7 +14,7 @@
 
 模型就是第 04 课的 GPT（common/tiny_gpt.py，speedrun 配方），只把每个块的 MLP 换成 MoE 层。
 数据：和第 04 课相同（莎士比亚全集，字符级，最后 10% 作验证集）。
-用时：默认约 12 分钟（同样时间：3 个模型各训练 2 分钟；同样步数：5 个模型各 200 步）；--quick 不到 1 分钟。
+用时：默认约 12 分钟（同样时间：3 个模型各训练 2 分钟；同样步数：5 个模型各 200 步）；--quick 约半分钟。
 
 常用命令：
   python 11_moe.py --quick                          # 快速体验
@@ -342,9 +342,10 @@ def parse_args(argv=None):
     add_knob(g, "--aux-weight", type=positive_float, default=0.01, help="负载均衡损失的系数 α（moe_aux）")
     add_knob(g, "--bias-rate", type=positive_float, default=0.01, help="偏置法每步的调整量 γ（moe）")
     t = p.add_argument_group("实验")
-    add_knob(t, "--minutes", type=positive_float, default=2.0, quick=0.05, help="实验一：每个模型训练几分钟")
-    add_knob(t, "--steps", type=positive_int, default=200, quick=10, help="实验二：每个模型训练几步")
-    add_knob(t, "--eval-batches", type=positive_int, default=20, quick=4, help="验证用几个固定的 batch")
+    add_knob(t, "--minutes", type=positive_float, default=2.0, quick=0.03, help="实验一：每个模型训练几分钟")
+    add_knob(t, "--steps", type=positive_int, default=200, quick=6, help="实验二：每个模型训练几步")
+    add_knob(t, "--eval-batches", type=positive_int, default=20, quick=2, help="验证用几个固定的 batch")
+    add_knob(t, "--sample-chars", type=positive_int, default=300, quick=100, help="最后让训练好的 MoE 写多少个字符")
     a = p.parse_args(argv)
     if a.top_k > a.experts:
         p.error(f"--top-k ({a.top_k}) 不能大于 --experts ({a.experts})")
@@ -370,7 +371,7 @@ def main(argv=None):
     mats = specialization(moe, data, a)
     cap = capacity_demo(moe, data, a)
     prof = where_time_goes(by_time["dense"][1], moe, data)
-    ids = generate(moe, data["val"][:1][None], 300, 0.8, 0, 0.95, torch.Generator().manual_seed(a.seed))
+    ids = generate(moe, data["val"][:1][None], a.sample_chars, 0.8, 0, 0.95, torch.Generator().manual_seed(a.seed))
     sample = data["tok"].decode(ids[0].tolist())
     print(f"\nMoE 写的一段文字：\n{sample}")
     res = {"equal_time": {n: r for n, (r, _) in by_time.items()}, "equal_steps": {n: r for n, (r, _) in by_steps.items()}}

@@ -207,7 +207,7 @@ def test_quick_run_writes_results(lesson_runs):
                 assert key in v, (part, name, key)
             assert math.isfinite(v["val_loss"]) and v["val_loss"] < math.log(84) + 0.5
     assert set(res["equal_steps"]) == {"dense", "moe", "dense_big", "moe_aux", "moe_none"}
-    assert all(res["equal_steps"][n]["steps"] == 10 for n in res["equal_steps"])
+    assert all(res["equal_steps"][n]["steps"] == 6 for n in res["equal_steps"])      # --quick: --steps 6
     load = res["equal_steps"]["moe"]["load"]
     assert {"final_ratio", "max_ratio", "min_ratio", "history"} <= set(load)
     assert res["equal_time"]["moe"]["params_active"] < res["equal_time"]["moe"]["params_total"]
