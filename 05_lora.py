@@ -11,7 +11,7 @@
 
 任务："客服小助手"——把顾客留言分到 8 个意图之一，并按固定格式回答：
       intent: <意图> | order: <订单号或 none>。本地模型只懂英文，所以数据是英文的（data/lora/）。
-用时（空闲的 2 核 CPU）：--quick 约 1 分钟；默认约 10 分钟（训练固定 80 步；--time-budget 只是保险上限）。
+用时（空闲的 2 核 CPU）：--quick 约 40 秒；默认约 10 分钟（训练固定 80 步；--time-budget 只是保险上限）。
 
 常用命令：
   python 05_lora.py --quick                         # 快速体验
@@ -572,7 +572,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_knob(g, "--steps", type=positive_int, default=80, quick=8, help="训练多少步")
     add_knob(g, "--time-budget", type=positive_float, default=30.0, quick=3.0,
              help="训练时间的保险上限，分钟：到点提前停下，并明确告诉你结果因此不完整")
-    add_knob(g, "--batch-size", type=positive_int, default=8, quick=4, help="每步几条样本")
+    add_knob(g, "--batch-size", type=positive_int, default=8, quick=2, help="每步几条样本")
     g.add_argument("--max-len", type=positive_int, default=256, help="超过这个 token 数（≥ 8）的训练样本会被跳过")
     d = p.add_argument_group("数据与评估")
     d.add_argument("--data", type=existing_file, default=str(DATA_DIR / "train.json"),
