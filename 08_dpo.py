@@ -262,31 +262,30 @@ def show_pairs(stats: dict) -> None:
 # 5. 评估：留出对的隐式奖励、与基座的 KL、中性文本困惑度、生成 + 检查器
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def heldout_logprobs(model, held, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """留出对的 (log π(y_w), log π(y_l))。参考模型和被训练的模型用完全相同的分批，
-    所以训练前（适配器的 B = 0）两者逐位相同，margin 恰好是 0。"""
-    pc, pr = [], []
+def heldout_pass(model, held, kl_n: int = 0, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """留出对的 (log π(y_w), log π(y_l))，以及前 kl_n 条 chosen 回答每个位置上的 log 分布 log π(· | 前文)（算 KL 用）。
+    log π(y_w) 本来就是从 chosen 的 log 分布里取出来的，所以 KL 不用再做一次前向。
+    参考模型和被训练的模型用完全相同的分批，所以训练前（适配器的 B = 0）两者逐位相同，margin 恰好是 0。"""
+    pc, pr, dists = [], [], []
     for i in range(0, len(held), bs):
         chunk = held[i:i + bs]
-        pc.append(sequence_logprobs(model, [h[0] for h in chunk], [h[1] for h in chunk]))
-        pr.append(sequence_logprobs(model, [h[0] for h in chunk], [h[2] for h in chunk]))
-    return torch.cat(pc), torch.cat(pr)
+        prompts = [h[0] for h in chunk]
+        logits, targets, rows = response_logits(model, prompts, [h[1] for h in chunk])
+        logp = logits.log_softmax(-1)                  # 和 sequence_logprobs 同样的算法：结果逐位相同
+        pc.append(torch.zeros(len(chunk), device=logp.device).index_add(0, rows, logp.gather(-1, targets[:, None])[:, 0]))
+        dists.append(logp[rows < kl_n - i])
+        pr.append(sequence_logprobs(model, prompts, [h[2] for h in chunk]))
+    return torch.cat(pc), torch.cat(pr), torch.cat(dists)
 
 
 @torch.no_grad()
-def preference_metrics(model, base, held, ref_held, beta: float, kl_n: int, bs: int = 8) -> dict:
+def preference_metrics(model, ref, held, beta: float, kl_n: int, bs: int = 8) -> dict:
     """留出对上的奖励准确率（margin > 0 的比例，相对基座模型）、平均 margin；
-    KL(π ‖ π_基座)：在前 kl_n 条 chosen 回答的每个位置上，比较两个模型对下一个 token 的完整分布。"""
-    pc, pr = heldout_logprobs(model, held, bs)
-    _, margin = dpo_loss(pc, pr, ref_held[0], ref_held[1], beta)
-    kls = []
-    for i in range(0, kl_n, bs):
-        chunk = held[i:min(i + bs, kl_n)]
-        args = ([h[0] for h in chunk], [h[1] for h in chunk])
-        logp = response_logits(model, *args)[0].log_softmax(-1)
-        logq = response_logits(base, *args)[0].log_softmax(-1)
-        kls.append((logp.exp() * (logp - logq)).sum(-1))      # 每个位置一个 KL 值
-    kl = torch.cat(kls)
+    KL(π ‖ π_基座)：在前 kl_n 条 chosen 回答的每个位置上，比较两个模型对下一个 token 的完整分布。
+    ref = heldout_pass(基座, held, kl_n)：基座永远不变，只算一次，每次评估直接拿来用。"""
+    pc, pr, logp = heldout_pass(model, held, kl_n, bs)
+    _, margin = dpo_loss(pc, pr, ref[0], ref[1], beta)
+    kl = (logp.exp() * (logp - ref[2])).sum(-1)        # 每个位置一个 KL 值
     return {"reward_accuracy": (margin > 0).float().mean().item(), "mean_margin": margin.mean().item(),
             "margins": margin.tolist(), "kl_per_token": kl.mean().item(), "kl_tokens": kl.numel()}
 
@@ -303,9 +302,9 @@ def generate_and_check(model, tok, rows: list[dict], a) -> dict:
             "reason_counts": {r: reasons.count(r) for r in dict.fromkeys(reasons)}}
 
 
-def evaluate(model, base, tok, held_enc, ref_held, gen_rows, a, label: str) -> dict:
+def evaluate(model, tok, held_enc, ref_held, gen_rows, a, label: str) -> dict:
     t0 = time.perf_counter()
-    m = preference_metrics(model, base, held_enc, ref_held, a.beta, a.kl_n)
+    m = preference_metrics(model, ref_held, held_enc, a.beta, a.kl_n)
     m["neutral_ppl"] = neutral_perplexity(model, tok)
     m["generation"] = g = generate_and_check(model, tok, gen_rows, a)
     print(f"  [{label}] 检查器通过率 {g['pass_rate']:.1%}（{g['n']} 题），平均 {g['mean_words']:.1f} 词，"
@@ -318,15 +317,15 @@ def evaluate(model, base, tok, held_enc, ref_held, gen_rows, a, label: str) -> d
 # 6. 两个实验
 # ---------------------------------------------------------------------------
 def parse_args(argv=None):
-    from common.cli import add_max_new_tokens, existing_file, non_negative_float
+    from common.cli import existing_file, non_negative_float
     p = course_parser(NAME, __doc__, groups=("device",))
     g = p.add_argument_group("本课参数")
-    add_knob(g, "--sft-steps", type=positive_int, default=30, quick=4, help="SFT 的步数（所有后续运行都从这里出发）")
-    add_knob(g, "--extra-steps", type=positive_int, default=20, quick=3,
+    add_knob(g, "--sft-steps", type=positive_int, default=30, quick=3, help="SFT 的步数（所有后续运行都从这里出发）")
+    add_knob(g, "--extra-steps", type=positive_int, default=20, quick=2,
              help="SFT 之后每条分支再训练的步数：SFT 多训 / 离线 DPO / 在线 DPO 一样多（等计算量比较）")
     add_knob(g, "--k", type=positive_int, default=4, quick=4, help="在线 DPO：每个训练问题采样几个回答")
     g.add_argument("--temperature", type=positive_float, default=0.8, help="在线 DPO：采样温度")
-    add_knob(g, "--sample-prompts", type=positive_int, default=64, quick=8, help="在线 DPO：从多少个训练问题上采样")
+    add_knob(g, "--sample-prompts", type=positive_int, default=64, quick=2, help="在线 DPO：从多少个训练问题上采样")
     g.add_argument("--beta", type=positive_float, default=0.5, help="DPO 的 β：越大，越不许模型离参考模型太远")
     g.add_argument("--lr", type=positive_float, default=3e-4, help="SFT（和\"SFT 多训\"）的 LoRA 学习率")
     g.add_argument("--dpo-lr", type=positive_float, default=1e-3, help="DPO（离线和在线）的 LoRA 学习率")
@@ -336,9 +335,10 @@ def parse_args(argv=None):
              help="每次训练的时间上限（分钟）。只是安全上限：被它截断时会大声提示")
     add_knob(g, "--batch-size", type=positive_int, default=4, quick=2, help="每步几条（对）数据")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA 的秩 r（alpha = 2r）")
-    add_knob(g, "--eval-n", type=positive_int, default=64, quick=8, help="生成评估用几条留出提示")
-    add_knob(g, "--eval-pairs", type=positive_int, default=32, quick=8, help="算奖励准确率用几对留出数据")
-    add_max_new_tokens(p, 48, "每条回答最多生成多少个新 token（用完还没结束算\"太长\"）")
+    add_knob(g, "--eval-n", type=positive_int, default=64, quick=4, help="生成评估用几条留出提示")
+    add_knob(g, "--eval-pairs", type=positive_int, default=32, quick=4, help="算奖励准确率用几对留出数据")
+    add_knob(g, "--max-new-tokens", type=positive_int, default=48, quick=24,
+             help="每条回答最多生成多少个新 token（用完还没结束算\"太长\"）")
     g.add_argument("--data", type=existing_file, default=DATA_DIR / "train.json", help="训练偏好数据")
     g.add_argument("--heldout", type=existing_file, default=DATA_DIR / "heldout.json", help="留出偏好数据")
     a = p.parse_args(argv)
@@ -434,11 +434,11 @@ def main(argv=None):
 
     print("\n== 2. 序列对数概率 log p(回答 | 问题)：只对回答 token 求和 ==")
     show_logprobs(base, train_rows, enc)
-    ref_held = heldout_logprobs(base, held_enc)          # 奖励准确率、KL 都相对基座模型
+    ref_held = heldout_pass(base, held_enc, a.kl_n)      # 奖励准确率、KL 都相对基座模型
     runs = {}
 
     def ev(model, label):
-        return {**evaluate(model, base, tok, held_enc, ref_held, gen_rows, a, label), "label": label}
+        return {**evaluate(model, tok, held_enc, ref_held, gen_rows, a, label), "label": label}
 
     print("\n== 评估基座模型 ==")
     runs["base"] = {**ev(base, RUNS["base"]), "wall_seconds": 0.0}

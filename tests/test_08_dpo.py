@@ -112,9 +112,36 @@ def test_fresh_adapters_give_zero_margins():
     model = with_lora(base)
     g = torch.Generator().manual_seed(2)
     held = [_pair(g, prompt_len=int(torch.randint(3, 9, (1,), generator=g))) for _ in range(11)]  # > one chunk of 8
-    ref = L8.heldout_logprobs(base, held)
-    m = L8.preference_metrics(model, base, held, ref, 0.1, kl_n=3)
+    m = L8.preference_metrics(model, L8.heldout_pass(base, held, 3), held, 0.1, kl_n=3)
     assert m["margins"] == [0.0] * 11 and m["reward_accuracy"] == 0.0 and m["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_against_the_precomputed_base_equals_kl_computed_pair_by_pair():
+    """The base model's log-distributions are computed once (heldout_pass) and reused by every evaluation, and
+    the policy's come from the same forward pass as log p(chosen); the KL must equal KL(model || base) computed
+    from scratch, one pair at a time without padding, and log p(chosen) must equal sequence_logprobs bitwise."""
+    base = tiny_model()
+    model = with_lora(base, random_b=True)
+    g = torch.Generator().manual_seed(4)
+    held = [_pair(g, prompt_len=int(torch.randint(3, 9, (1,), generator=g))) for _ in range(11)]
+    ref = L8.heldout_pass(base, held, 10)
+    kl_n = 10                                            # > one chunk of 8, and fewer than all pairs
+    m = L8.preference_metrics(model, ref, held, 0.1, kl_n=kl_n)
+    per_pos = []
+    with torch.no_grad():
+        for p, c, _ in held[:kl_n]:
+            logp = L8.response_logits(model, [p], [c])[0].log_softmax(-1)
+            logq = L8.response_logits(base, [p], [c])[0].log_softmax(-1)
+            per_pos += (logp.exp() * (logp - logq)).sum(-1).tolist()
+    assert m["kl_tokens"] == len(per_pos) == sum(len(h[1]) for h in held[:kl_n])
+    assert m["kl_per_token"] == pytest.approx(sum(per_pos) / len(per_pos), rel=1e-4) and m["kl_per_token"] > 0
+    with pytest.raises((ValueError, RuntimeError)):      # a cache built for other pairs is refused, not misused
+        L8.preference_metrics(model, L8.heldout_pass(base, held, 3), held, 0.1, kl_n=kl_n)
+    pc, pr, _ = L8.heldout_pass(model, held, kl_n)
+    for i in range(0, 11, 8):                            # the chunks of 8 that heldout_pass uses
+        chunk = held[i:i + 8]
+        assert torch.equal(pc[i:i + 8], L8.sequence_logprobs(model, [h[0] for h in chunk], [h[1] for h in chunk]))
+        assert torch.equal(pr[i:i + 8], L8.sequence_logprobs(model, [h[0] for h in chunk], [h[2] for h in chunk]))
 
 
 # ------------------------------------------------------------------ training end to end on the tiny model
@@ -130,12 +157,12 @@ def test_heldout_reward_accuracy_rises_after_training(tmp_path):
     train_enc, held = [pair() for _ in range(32)], [pair() for _ in range(16)]
     base = tiny_model()
     model = with_lora(base)
-    ref_held = L8.heldout_logprobs(base, held)
-    before = L8.preference_metrics(model, base, held, ref_held, 0.5, kl_n=4)
+    ref_held = L8.heldout_pass(base, held, 4)
+    before = L8.preference_metrics(model, ref_held, held, 0.5, kl_n=4)
     a = argparse.Namespace(batch_size=8, seed=0, rank=4, time_budget=10.0)
     tr = L8.train(model, train_enc, L8.dpo_objective(L8.ReferenceLogprobs(train_enc), 0.5), a, "tiny", 1e-2, 30,
                   tmp_path / "adapter.safetensors")
-    after = L8.preference_metrics(model, base, held, ref_held, 0.5, kl_n=4)
+    after = L8.preference_metrics(model, ref_held, held, 0.5, kl_n=4)
     assert tr["steps"] == 30 and not tr["cut_by_time_budget"] and (tmp_path / "adapter.safetensors").is_file()
     assert tr["adapter"] == "adapter.safetensors"
     assert tr["planned_steps"] == 30 and len(tr["losses"]) == 30 and tr["train_seconds"] > 0     # lesson 05's names
