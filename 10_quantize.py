@@ -24,9 +24,9 @@
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -198,10 +198,9 @@ def run_variants(evaluate, module, table: list, key: str) -> None:
     module.load_state_dict(orig, strict=False)
 
 
-def tiny_gpt_quality(args) -> dict:
+def tiny_gpt_quality(args, path) -> dict:
     from common.exported import load_tiny_gpt
     from common.training import load_checkpoint
-    path = R.ensure_checkpoint(args.checkpoint, args.out_dir, args.gpt_iters, args.seed)
     ck = load_checkpoint(path)
     program = load_tiny_gpt(path).model.program
     windows = R.gpt_windows(ck, args.gpt_windows)
@@ -224,9 +223,9 @@ def quality_sentence(gpt: list[dict], local: list[dict], name: str) -> str:
                "差别来自嵌入矩阵（文件里是 Q8_0）。" if "SmolLM2" in name else ""))
 
 
-def part_quality(args, lm) -> dict:
+def part_quality(args, lm, checkpoint: Path) -> dict:
     print("\n=== 第 3 步：每个比特的质量代价（loss 越低越好；括号里是比 fp32 多了多少 nats）===")
-    out = {"tiny_gpt": tiny_gpt_quality(args)}
+    out = {"tiny_gpt": tiny_gpt_quality(args, checkpoint)}
     ids = R.held_out_ids(lm.tokenizer, args.eval_tokens)
     print(f"\n{lm.info.name}，留出文本 {len(ids)} 个 token。注意：它的“fp32”本身就是文件里 4 比特权重反量化出来的：")
     table: list = []
@@ -261,7 +260,7 @@ def part_speed(args, lm) -> dict:
     print(f"本机实测内存带宽（读 256 MiB 数组）：{bw:.1f} GB/s，{torch.get_num_threads()} 个线程。")
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
     models = [("fp32", lm.model), ("int8 动态（torch）", load(args, "int8").model),
-              ("int4 group-32 只量化权重（现场反量化）", Q.to_int4(copy.deepcopy(lm.model)))]
+              ("int4 group-32 只量化权重（现场反量化）", Q.to_int4(Q.copy_sharing_weights(lm.model)))]
     rows = []
     print(f"{'精度':<28} | 每 token 读权重 | 带宽算出的上限 | 实测 tok/s | 达到上限 | 内存里的权重 | 进程峰值内存")
     for label, model in models:
@@ -358,7 +357,7 @@ def parse_args(argv=None):
                    help="第 04 课的检查点（默认找 outputs/04_tiny_gpt/ 下的，没有就现训一个很小的）")
     add_knob(p, "--k", type=int_list, default=(1, 2, 4, 6), quick=(2, 4), help="投机解码：草稿每轮猜几个 token，逗号分隔")
     add_knob(p, "--lookup-k", type=positive_int, default=10, quick=10, help="prompt lookup：每轮最多抄几个 token")
-    add_knob(p, "--max-new-tokens", type=positive_int, default=96, quick=24, help="投机解码：每个提示词生成多少 token")
+    add_knob(p, "--max-new-tokens", type=positive_int, default=96, quick=20, help="投机解码：每个提示词生成多少 token")
     add_knob(p, "--prompts", type=positive_int, default=2, quick=1, help=f"投机解码：用几个提示词（最多 {len(PROMPTS)} 个）")
     add_knob(p, "--eval-tokens", type=positive_int, default=1024, quick=192, help="本地模型的留出文本取多少 token")
     add_knob(p, "--gpt-windows", type=positive_int, default=256, quick=16, help="第 04 课 GPT 的验证窗口数")
@@ -374,12 +373,14 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_run(args)
-    t0 = time.perf_counter()
+    t0, load_avg = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # 第 3 步要用第 04 课的检查点。要现训时，训练进程趁本课加载模型（大多只用一个核）先跑起来，第 1 步之前等它结束
+    pending = "quality" in args.part and R.start_checkpoint(args.checkpoint, args.out_dir, args.gpt_iters, args.seed)
     lm = load(args)
-    print(f"本地模型：{lm.info.name}（fp32，CPU，{torch.get_num_threads()} 个线程）；开始时 1 分钟平均负载 "
-          f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f}")
-    steps = {"grid": part_grid, "gguf": part_gguf, "quality": part_quality, "speed": part_speed,
-             "speculative": part_speculative}
+    checkpoint = pending and pending()
+    print(f"本地模型：{lm.info.name}（fp32，CPU，{torch.get_num_threads()} 个线程）；开始时 1 分钟平均负载 {load_avg:.1f}")
+    steps = {"grid": part_grid, "gguf": part_gguf, "quality": lambda a, m: part_quality(a, m, checkpoint),
+             "speed": part_speed, "speculative": part_speculative}
     results = {"args": vars(args), "model": lm.key}
     for part in args.part:
         results[part] = steps[part](args, lm)

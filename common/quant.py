@@ -43,8 +43,9 @@ class Quantized:
     bits: int
     pad: int = 0              # 行长不是组大小的整数倍时，每行末尾补了几个数（反量化时去掉）
 
-    def dequantize(self) -> torch.Tensor:
-        w = self.codes.float() * self.scale
+    def dequantize(self, in_place: bool = False) -> torch.Tensor:
+        """码 × scale（+ min）。in_place：码已经是 float32 时就在码上算，不另占一份内存（码随之变成结果）。"""
+        w = self.codes.mul_(self.scale) if in_place else self.codes.float() * self.scale
         if self.zero is not None:
             w += self.zero
         if self.pad:
@@ -70,16 +71,16 @@ def _groups(w: torch.Tensor, group) -> tuple[torch.Tensor, int]:
 
 def _grid(g: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """分好组的 g [G, g] → (整数码（还是 float32 存着），每组的 scale，每组的 min 或 None)。"""
+    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)        # 每组的最小、最大值
     if symmetric:
         qmax = 2 ** (bits - 1) - 1                                   # int8：127；int4：7
-        scale = g.abs().amax(1, keepdim=True) / qmax
+        scale = torch.maximum(hi, -lo) / qmax                        # max|w| = max(最大值, −最小值)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)   # 全 0 的组：随便取个 scale，码全是 0
         return (g / scale).round_().clamp_(-qmax, qmax), scale, None
     levels = 2 ** bits - 1                                           # int8：255；int4：15
-    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
     scale = (hi - lo) / levels
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return ((g - lo) / scale).round_().clamp_(0, levels), scale, lo
+    return (g - lo).div_(scale).round_().clamp_(0, levels), scale, lo
 
 
 def quantize(w: torch.Tensor, bits: int, symmetric: bool = True, group=CHANNEL) -> Quantized:
@@ -95,10 +96,10 @@ def dequantize(q: Quantized) -> torch.Tensor:
 
 def fake_quant(w: torch.Tensor, bits: int, symmetric: bool = True, group=CHANNEL) -> torch.Tensor:
     """量化再反量化（"假量化"）：形状、类型不变，但每个数都落在了格点上——用来测量量化带来的误差。
-    和 quantize(...).dequantize() 的结果逐位相同，只是码不转成 int16 再转回来（省一半时间）。"""
+    和 quantize(...).dequantize() 的结果逐位相同，只是码不转成 int16 再转回来、就地反量化（省一大半时间）。"""
     g, pad = _groups(w, group)
     codes, scale, zero = _grid(g, bits, symmetric)
-    return Quantized(codes, scale, zero, tuple(w.shape), bits, pad).dequantize().to(w.dtype)
+    return Quantized(codes, scale, zero, tuple(w.shape), bits, pad).dequantize(in_place=True).to(w.dtype)
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -305,6 +306,12 @@ class Int4Linear(nn.Module):
 
     def nbytes(self) -> int:
         return sum(t.nelement() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+
+def copy_sharing_weights(model: nn.Module) -> nn.Module:
+    """模型结构的副本，权重张量和原模型共用（不复制）：之后把副本里的层换掉（to_int4），原模型不受影响。"""
+    import copy
+    return copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
 
 
 def to_int4(model: nn.Module, group: int = QK, skip: Callable[[str], bool] = lambda name: False) -> nn.Module:

@@ -5,10 +5,12 @@ mean stay in the lesson; the quantizers are in common/quant.py, speculative deco
 """
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,26 +59,38 @@ def print_spec_table(rows: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- lesson 04's model and data
-def ensure_checkpoint(checkpoint: Path | None, out_dir: Path, iters: int, seed: int) -> Path:
-    """The lesson-04 checkpoint: `checkpoint`, else the best one under outputs/04_tiny_gpt/, else one trained
-    here by running lesson 04's own script for `iters` steps (kept in out_dir/tiny_gpt/ for the next run)."""
+def start_checkpoint(checkpoint: Path | None, out_dir: Path, iters: int, seed: int) -> Callable[[], Path]:
+    """The lesson-04 checkpoint: `checkpoint`, else the best one under outputs/04_tiny_gpt/, else one trained by
+    lesson 04's own script for `iters` steps (kept in out_dir/tiny_gpt/ for the next run). Returns wait() -> Path.
+    Training starts now, in a background process, so that its start (imports, data: one core) overlaps the
+    lesson loading its models; the lesson waits before step 1, so no step shares the CPU with it. A lesson that
+    stops before waiting kills it."""
     if checkpoint:
-        return checkpoint
-    for preset in ("speedrun", "medium", "small", "quick"):
-        found = output_root() / "04_tiny_gpt" / preset / "ckpt_best.pt"
+        return lambda: checkpoint
+    for found in [output_root() / "04_tiny_gpt" / p / "ckpt_best.pt" for p in ("speedrun", "medium", "small", "quick")]:
         if found.is_file():
-            return found
+            return lambda: found
     own = out_dir / "tiny_gpt" / "quick" / "ckpt_best.pt"
-    if not own.is_file():
-        cmd = [sys.executable, str(REPO / "04_tiny_gpt.py"), "--quick", "--max-iters", str(iters),
-               "--seed", str(seed), "--out-dir", str(own.parent.parent), "--threads", str(torch.get_num_threads())]
-        print(f"没有找到第 04 课的检查点：先用第 04 课的脚本训练一个很小的（{iters} 步，约十几秒）：\n  "
-              f"python 04_tiny_gpt.py {' '.join(cmd[2:])}")
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace")
-        if r.returncode != 0 or not own.is_file():
-            raise UserError(f"训练第 04 课的小 GPT 失败（退出码 {r.returncode}）：{r.stderr.strip()[-200:]}；"
+    if own.is_file():
+        return lambda: own
+    cmd = [sys.executable, str(REPO / "04_tiny_gpt.py"), "--quick", "--max-iters", str(iters),
+           "--seed", str(seed), "--out-dir", str(own.parent.parent), "--threads", str(torch.get_num_threads()),
+           "--overwrite"]                                # our own folder: a run killed half-way left no ckpt_best.pt
+    print(f"没有找到第 04 课的检查点：第 3 步要用的小 GPT 先用第 04 课的脚本在后台训练（{iters} 步，约十几秒）：\n  "
+          f"python 04_tiny_gpt.py {' '.join(cmd[2:])}")
+    own.parent.mkdir(parents=True, exist_ok=True)
+    log = own.parent.parent / "train.log"
+    with open(log, "w", encoding="utf-8") as fh:         # a file, not a pipe: nobody reads it while it trains
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    atexit.register(lambda: proc.poll() is None and proc.kill())
+
+    def wait() -> Path:
+        if proc.wait() != 0 or not own.is_file():
+            tail = log.read_text(encoding="utf-8", errors="replace").strip()[-200:]
+            raise UserError(f"训练第 04 课的小 GPT 失败（退出码 {proc.returncode}）：{tail}；"
                             "可以先运行 python 04_tiny_gpt.py --quick，再用 --checkpoint 指定检查点")
-    return own
+        return own
+    return wait
 
 
 def gpt_windows(ck: dict, n: int) -> torch.Tensor:

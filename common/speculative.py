@@ -134,7 +134,7 @@ def prepack_for_cpu(model):
         return model
     from torch.utils import mkldnn
 
-    packed = copy.deepcopy(model)
+    packed = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})   # 权重共用，不复制
     for mod in list(packed.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is torch.nn.Linear:

@@ -68,7 +68,7 @@ def test_gguf_bits_per_weight():
 
 
 def test_shipped_q4_1_blocks_are_reproduced(gguf_path):
-    r = Q.requantize_shipped(gguf_path, limit=2)
+    r = Q.requantize_shipped(gguf_path, limit=1)          # one whole tensor of each format: the embedding is Q8_0
     assert set(r["requantized"]) == {"Q4_1", "Q8_0"}
     for c in r["requantized"].values():
         assert c["blocks"] > 0 and c["blocks_equal"] == c["blocks"]
@@ -107,6 +107,41 @@ def test_group_wise_error_is_at_most_per_tensor_error_with_an_outlier():
             assert e_group <= e_channel <= e_tensor and e_group < e_tensor / 2, (bits, sym, e_tensor, e_channel, e_group)
     # per-tensor int4: the outlier's scale rounds most small weights to zero
     assert float((Q.quantize(w, 4, True, Q.TENSOR).codes == 0).float().mean()) > 0.9
+
+
+def test_gguf_quantize_in_chunks_equals_one_piece():
+    """gguf_quantize works on 2^16-block pieces of a big array; the blocks are the ones of a single call."""
+    x = _with_outliers(9, n_blocks=(1 << 16) + 37)
+    for fmt, (quantize_blocks, _) in Q.GGUF_FORMATS.items():
+        assert np.array_equal(Q.gguf_quantize(x, fmt), quantize_blocks(x)), fmt
+
+
+@pytest.mark.parametrize("group", GROUPINGS)
+def test_fake_quant_equals_quantize_then_dequantize(group):
+    """fake_quant's short cut (codes kept in float32, dequantized in place) gives the same bits."""
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(3))
+    w[5, 17], w[0] = -30.0, 0.0                                   # an outlier and an all-zero row
+    for bits in (8, 4):
+        for sym in (True, False):
+            assert torch.equal(Q.fake_quant(w, bits, sym, group), Q.quantize(w, bits, sym, group).dequantize())
+
+
+def test_quantize_weights_quantizes_a_shared_tensor_once():
+    emb = torch.randn(16, 32)
+    state = {"embed.weight": emb, "lm_head.weight": emb, "mlp.weight": emb.clone()}   # tied, and an equal copy
+    out = Q.quantize_weights(state, lambda name, t: (4, True, 32))
+    assert out["embed.weight"] is out["lm_head.weight"] and out["mlp.weight"] is not out["embed.weight"]
+    assert torch.equal(out["embed.weight"], Q.fake_quant(emb, 4, True, 32))
+
+
+def test_copy_sharing_weights_shares_them_and_leaves_the_original_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 10))
+    int4 = Q.to_int4(Q.copy_sharing_weights(model))
+    assert all(type(m) is torch.nn.Linear for m in (model[0], model[2])) and isinstance(int4[0], Q.Int4Linear)
+    assert int4[1].weight is model[1].weight                      # not copied
+    target = _tiny(2)
+    packed = prepack_for_cpu(target)                              # its own oneDNN linears, the rest shared
+    assert packed.embed.weight is target.embed.weight and type(target.layers[0].mlp.down_proj) is torch.nn.Linear
 
 
 def test_quantize_weights_only_touches_matrices():
@@ -238,6 +273,34 @@ def test_lesson_reference_check_and_self_checks():
     assert ok["identical"] and ok["tokens"] == 8
     with pytest.raises(UserError, match="自检失败"):
         lesson.compare(target, PromptLookupDraft(), ids, 8, 3, ref[:-1] + [(ref[-1] + 1) % 61], 1.0, set())
+
+
+def test_checkpoint_is_found_or_trained_in_the_background(tmp_path, monkeypatch, capsys):
+    """start_checkpoint: a given or found checkpoint is used as it is; otherwise lesson 04's script runs in the
+    background (here a stand-in that writes the checkpoint, or fails) and wait() returns its path or one
+    Chinese UserError line with the end of its log."""
+    from common import quant_report as R
+
+    monkeypatch.setenv("LLM_COURSE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setattr(R, "REPO", tmp_path)
+    given = tmp_path / "mine.pt"
+    assert R.start_checkpoint(given, tmp_path / "a", 5, 0)() == given
+    found = tmp_path / "outputs" / "04_tiny_gpt" / "small" / "ckpt_best.pt"
+    found.parent.mkdir(parents=True)
+    found.touch()
+    assert R.start_checkpoint(None, tmp_path / "a", 5, 0)() == found
+    found.unlink()
+    fake = tmp_path / "04_tiny_gpt.py"
+    fake.write_text("import sys, pathlib\nargs = sys.argv[1:]\nassert '--overwrite' in args and args[args.index('--max-iters') + 1] == '5'\n"
+                    "ck = pathlib.Path(args[args.index('--out-dir') + 1]) / 'quick' / 'ckpt_best.pt'\n"
+                    "ck.parent.mkdir(parents=True, exist_ok=True)\nck.write_bytes(b'x')\n", encoding="utf-8")
+    wait = R.start_checkpoint(None, tmp_path / "a", 5, 0)
+    assert "后台训练" in capsys.readouterr().out
+    assert wait() == tmp_path / "a" / "tiny_gpt" / "quick" / "ckpt_best.pt"
+    assert R.start_checkpoint(None, tmp_path / "a", 5, 0)() == wait()          # the next run reuses it
+    fake.write_text("print('boom: no data')\nraise SystemExit(3)\n", encoding="utf-8")
+    with pytest.raises(UserError, match="退出码 3.*boom: no data"):
+        R.start_checkpoint(None, tmp_path / "b", 5, 0)()
 
 
 def test_lesson_has_the_one_shape():
