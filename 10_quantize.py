@@ -13,7 +13,7 @@
   5. 投机解码：int8 模型当草稿一次猜 k 个 token，fp32 模型一次前向验证；贪心输出必须和 fp32 单独生成的逐 token 相同。
      再看 prompt lookup（草稿 = 从提示词里抄一段）在"引用原文"的 RAG 回答上有多快。
 
-用时：约 40 分钟阅读；--quick 约 1 分钟；默认完整运行约 5～10 分钟（2 核 CPU，空闲时；--local-model qwen0.5b 更久）。
+用时：约 40 分钟阅读；--quick 不到 1 分钟；默认完整运行约 5～10 分钟（2 核 CPU，空闲时；--local-model qwen0.5b 更久）。
 只在 CPU 上运行（torch 的 int8 动态量化只支持 CPU）。第 3 步要用第 04 课的检查点：没有时先用第 04 课的脚本训练一个很小的。
 示例：
   python 10_quantize.py --quick
