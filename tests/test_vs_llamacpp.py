@@ -32,6 +32,7 @@ def test_table_ratios_are_against_the_reference():
     assert all(n == 48 for plan in bench.plans(3, 2, 48) for _, n in plan)
 
 
+@pytest.mark.slow            # starts the real 06_serve.py with SmolLM2 as a subprocess: an end-to-end run
 def test_runs_a_stub_reference_and_lesson_06(tmp_path, capsys):
     pytest.importorskip("openai")
     bench = load_benchmark()
